@@ -1,0 +1,1 @@
+"""Link live-commerce viewers to shop orders, report broadcasts and plan follow-ups."""

@@ -1,0 +1,86 @@
+"""Attribution: the orders each broadcast earned, during the live and after it."""
+
+import dagster as dg
+import pandas as pd
+
+from livecrm_dagster.broadcasts import scheduled_broadcast
+from livecrm_dagster.defs.attribution.attribute import attribute_orders
+from livecrm_dagster.defs.ingestion.assets import raw_orders, raw_viewer_events
+from livecrm_dagster.defs.partitions import broadcast_partitions
+from livecrm_dagster.defs.sessions.assets import viewing_sessions
+from livecrm_dagster.defs.sessions.sessionize import watched_by_member
+from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
+from livecrm_dagster.warehouse import Warehouse
+
+
+def other_viewing(store: Warehouse, broadcast_id: str, member_ids: list[str]) -> pd.DataFrame:
+    """Return (member_id, broadcast_id, starts_at) of other broadcasts these members watched.
+
+    Reads the stored sessions of other partitions, so a broadcast materialized later can
+    take an order over from this one only once this partition is re-run.
+    """
+    sessions = store.table("viewing_sessions")
+    watched = store.query(
+        "viewing_sessions",
+        sessions.c.member_id.in_(member_ids),
+        sessions.c.broadcast_id != broadcast_id,
+        sessions.c.events_inside > 0,
+    )
+    starts = store.read("broadcasts")[["broadcast_id", "starts_at"]]
+    pairs = watched[["member_id", "broadcast_id"]].drop_duplicates()
+    return pairs.merge(starts, on="broadcast_id")
+
+
+@dg.asset(
+    group_name="attribution",
+    partitions_def=broadcast_partitions,
+    deps=[raw_orders, viewing_sessions, raw_viewer_events],
+)
+def order_attribution(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    shop_settings: ShopSettingsResource,
+) -> dg.MaterializeResult:
+    """Orders of viewing members by rule (during, post-live, clicked-then-bought), net amounts."""
+    settings = shop_settings.get()
+    store = warehouse.get()
+    broadcast = scheduled_broadcast(store, context.partition_key)
+    sessions = store.read_partition("viewing_sessions", broadcast.broadcast_id)
+    viewers = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at).index
+    lines = store.read_partition("raw_orders", broadcast.broadcast_id)
+    events = store.read_partition("raw_viewer_events", broadcast.broadcast_id)
+    clicks = events.loc[events["type"] == "product_click"]
+    buyers = sorted(set(lines["member_id"]) & set(viewers))
+
+    attribution = attribute_orders(
+        broadcast,
+        lines,
+        viewers,
+        clicks,
+        other_viewing(store, broadcast.broadcast_id, buyers),
+        settings.attribution.post_live_days,
+        settings.attribution.clicked_then_bought_days,
+        settings.zone,
+    )
+
+    store.replace_partition("order_attribution", broadcast.broadcast_id, attribution)
+    taken = attribution.loc[~attribution["counted"].astype(bool)]
+    context.log.info(
+        "attributed %d orders of viewing members (%d during the live, %d post-live, %d "
+        "counted for a later broadcast the member watched)",
+        len(attribution),
+        int(attribution["during_live"].sum()),
+        int(attribution["post_live"].sum()),
+        len(taken),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(len(attribution)),
+            "orders_during_live": dg.MetadataValue.int(int(attribution["during_live"].sum())),
+            "orders_post_live": dg.MetadataValue.int(int(attribution["post_live"].sum())),
+            "orders_clicked_then_bought": dg.MetadataValue.int(
+                int(attribution["clicked_then_bought"].sum())
+            ),
+            "orders_counted_elsewhere": dg.MetadataValue.int(len(taken)),
+        }
+    )

@@ -1,0 +1,161 @@
+"""Check input rows against the data contract: typed valid rows out, quarantine rows out.
+
+Each `validate_*` function takes a frame of strings (as `files.read_files` returns it)
+and returns the valid rows with parsed columns and a quarantine frame with one row per
+rejected input row: the file, line, key, field and reason. The first broken field of a
+row names the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from livecrm_dagster.defs.ingestion.files import FILE, LINE
+
+BROADCAST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VIEWING_TYPES = ("view_start", "heartbeat", "view_end")
+EVENT_TYPES = (*VIEWING_TYPES, "chat", "like", "product_click", "answer", "coupon_claim")
+ORDER_STATUSES = ("pending", "paid", "cancelled", "refunded")
+# A later export can only move an order forward: pending, then paid, then undone.
+STATUS_RANK = {"pending": 0, "paid": 1, "cancelled": 2, "refunded": 2}
+
+QUARANTINE_COLUMNS = ["input", "file", "line", "record_key", "field", "reason"]
+_OFFSET = re.compile(r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$")
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+_TRUE = {"true", "1", "yes", "t", "y"}
+_FALSE = {"false", "0", "no", "f", "n"}
+_INT64_MAX = 2**63 - 1
+
+
+class RowChecker:
+    """Collects the first failure reason of each row."""
+
+    def __init__(self, frame: pd.DataFrame, input_name: str, key_column: str):
+        self.frame = frame
+        self.input_name = input_name
+        self.key_column = key_column
+        self.field = pd.Series(None, index=frame.index, dtype=object)
+        self.reason = pd.Series(None, index=frame.index, dtype=object)
+
+    def flag(self, mask: pd.Series, field: str, reason: str | pd.Series) -> None:
+        mask = mask.fillna(False).astype(bool) & self.reason.isna()
+        if not mask.any():
+            return
+        self.field[mask] = field
+        self.reason[mask] = reason[mask] if isinstance(reason, pd.Series) else reason
+
+    def require(self, *columns: str) -> None:
+        for column in columns:
+            self.flag(text(self.frame, column) == "", column, f"{column} is missing")
+
+    @property
+    def bad(self) -> pd.Series:
+        return self.reason.notna()
+
+    def split(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Return (valid rows of `valid`, quarantine rows) for the rows flagged so far."""
+        quarantine = quarantine_frame(
+            self.input_name,
+            self.frame.loc[self.bad],
+            self.key_column,
+            self.field[self.bad],
+            self.reason[self.bad],
+        )
+        return valid.loc[~self.bad].copy(), quarantine
+
+
+def quarantine_frame(
+    input_name: str,
+    rows: pd.DataFrame,
+    key_column: str,
+    field: pd.Series | str,
+    reason: pd.Series | str,
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "input": input_name,
+            "file": text(rows, FILE).to_numpy(),
+            "line": pd.to_numeric(rows.get(LINE, pd.Series(0, index=rows.index))).to_numpy(),
+            "record_key": text(rows, key_column).to_numpy(),
+            "field": field.to_numpy() if isinstance(field, pd.Series) else field,
+            "reason": reason.to_numpy() if isinstance(reason, pd.Series) else reason,
+        },
+        columns=QUARANTINE_COLUMNS,
+    )
+
+
+def empty_quarantine() -> pd.DataFrame:
+    return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+
+
+def text(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Return a column as stripped strings, or empty strings when the column is absent."""
+    if column not in frame.columns:
+        return pd.Series("", index=frame.index, dtype=object)
+    return frame[column].fillna("").astype(str).str.strip().astype(object)
+
+
+def parse_instants(values: pd.Series, field: str, zone: str | None) -> tuple[pd.Series, pd.Series]:
+    """Parse ISO 8601 times to UTC; return (instants, reason per unparseable value).
+
+    A time without a UTC offset is read in `zone` when the source declares one and is
+    invalid otherwise, because guessing the zone shifts every instant by hours. Empty
+    values give NaT with no reason; the caller decides whether the field is required.
+    """
+    values = values.fillna("").astype(str).str.strip()
+    empty = values == ""
+    has_offset = values.str.contains(_OFFSET) & ~empty
+    instants = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
+    reasons = pd.Series(None, index=values.index, dtype=object)
+
+    if has_offset.any():
+        parsed = pd.to_datetime(values[has_offset], utc=True, format="ISO8601", errors="coerce")
+        instants[has_offset] = parsed.astype("datetime64[us, UTC]")
+    local = ~has_offset & ~empty
+    if local.any() and zone is not None:
+        naive = pd.to_datetime(values[local], format="ISO8601", errors="coerce")
+        placed = naive.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT")
+        instants[local] = placed.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+        skipped = local & instants.isna() & naive.reindex(values.index).notna()
+        reasons[skipped] = f"{field} is ambiguous or does not exist in {zone} (a clock change)"
+    elif local.any():
+        reasons[local] = f"{field} has no UTC offset and the source declares no time zone"
+    unparsed = ~empty & instants.isna() & reasons.isna()
+    reasons[unparsed] = f"{field} is not an ISO 8601 time: " + values[unparsed].str.slice(0, 40)
+    return instants, reasons
+
+
+def parse_integers(values: pd.Series, field: str) -> tuple[pd.Series, pd.Series]:
+    """Parse whole numbers written with ASCII digits only; return (Int64 values, reasons)."""
+    values = values.fillna("").astype(str).str.strip()
+    well_formed = values.str.match(_INTEGER).astype(bool)
+    numbers = pd.Series(pd.NA, index=values.index, dtype="Int64")
+    reasons = pd.Series(None, index=values.index, dtype=object)
+    parsed = {index: int(value) for index, value in values[well_formed].items()}
+    fits = [index for index, number in parsed.items() if abs(number) <= _INT64_MAX]
+    numbers[fits] = [parsed[index] for index in fits]
+    reasons[[index for index in parsed if index not in set(fits)]] = f"{field} is out of range"
+    bad_form = ~well_formed & (values != "")
+    reasons[bad_form] = f"{field} is not a whole number in ASCII digits: " + values[
+        bad_form
+    ].str.slice(0, 40)
+    return numbers, reasons
+
+
+def parse_booleans(values: pd.Series, field: str) -> tuple[pd.Series, pd.Series]:
+    lowered = values.fillna("").astype(str).str.strip().str.lower()
+    result = pd.Series(pd.NA, index=values.index, dtype="boolean")
+    result[lowered.isin(_TRUE)] = True
+    result[lowered.isin(_FALSE)] = False
+    reasons = pd.Series(None, index=values.index, dtype=object)
+    invalid = (lowered != "") & result.isna()
+    reasons[invalid] = f"{field} is not true or false"
+    return result, reasons
+
+
+def invalid_broadcast_id_reason(broadcast_id: str) -> str | None:
+    if BROADCAST_ID.match(broadcast_id):
+        return None
+    return f"broadcast_id {broadcast_id[:80]!r} is invalid: use 1 to 64 letters, digits, '-' or '_'"

@@ -1,0 +1,129 @@
+"""Validate one broadcast's viewer events and remove delivery duplicates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from livecrm_dagster.defs.ingestion.contract import (
+    EVENT_TYPES,
+    RowChecker,
+    empty_quarantine,
+    parse_booleans,
+    parse_instants,
+    quarantine_frame,
+    text,
+)
+from livecrm_dagster.defs.ingestion.files import FILE, LINE
+
+EVENT_COLUMNS = [
+    "event_id",
+    "member_id",
+    "device_id",
+    "type",
+    "occurred_at",
+    "product_id",
+    "question_id",
+    "answer",
+    "is_correct",
+    "coupon_code",
+    "text",
+]
+# Fields a type needs before its event means anything.
+_REQUIRED_BY_TYPE = {
+    "product_click": ("product_id",),
+    "answer": ("question_id", "answer"),
+    "coupon_claim": ("coupon_code",),
+}
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """The outcome of validating a broadcast's events."""
+
+    events: pd.DataFrame
+    quarantine: pd.DataFrame
+    duplicates_dropped: int
+    rows_read: int
+
+
+def validate_viewer_events(
+    rows: pd.DataFrame,
+    broadcast_id: str,
+    starts_at: pd.Timestamp,
+    ends_at: pd.Timestamp,
+    implausible_hours: float,
+    zone: str | None = None,
+) -> EventBatch:
+    """Validate the rows read for one broadcast.
+
+    Rows of other broadcasts are expected to be filtered out by the caller, except in
+    files that belong to this broadcast, where they are quarantined. Events further
+    than `implausible_hours` from the broadcast are quarantined: a device clock years
+    off or a tab woken the next day says nothing about this broadcast.
+    """
+    rows = rows.reset_index(drop=True)
+    checker = RowChecker(rows, "viewer_events", "event_id")
+    checker.require("event_id", "broadcast_id")
+    other = text(rows, "broadcast_id") != broadcast_id
+    checker.flag(other, "broadcast_id", "broadcast_id does not match the broadcast being loaded")
+    event_type = text(rows, "type")
+    checker.flag(
+        ~event_type.isin(EVENT_TYPES),
+        "type",
+        "unknown event type: " + event_type.str.slice(0, 40),
+    )
+    occurred_at, reasons = parse_instants(text(rows, "occurred_at"), "occurred_at", zone)
+    checker.flag(reasons.notna(), "occurred_at", reasons)
+    checker.require("occurred_at")
+    for kind, fields in _REQUIRED_BY_TYPE.items():
+        for field in fields:
+            missing = (event_type == kind) & (text(rows, field) == "")
+            checker.flag(missing, field, f"{field} is missing on a {kind} event")
+    is_correct, reasons = parse_booleans(text(rows, "is_correct"), "is_correct")
+    checker.flag(reasons.notna(), "is_correct", reasons)
+
+    window = pd.Timedelta(hours=implausible_hours)
+    implausible = (occurred_at < starts_at - window) | (occurred_at > ends_at + window)
+    checker.flag(
+        implausible,
+        "occurred_at",
+        f"occurred_at is more than {implausible_hours:g} h before the start or after the end",
+    )
+
+    events = pd.DataFrame({column: text(rows, column) for column in EVENT_COLUMNS})
+    events["occurred_at"] = occurred_at
+    events["is_correct"] = is_correct
+    events[FILE] = text(rows, FILE)
+    events[LINE] = rows[LINE] if LINE in rows.columns else 0
+    valid, quarantine = checker.split(events)
+    valid, conflicts, dropped = drop_duplicate_events(valid)
+    quarantine = pd.concat([quarantine, conflicts], ignore_index=True)
+    valid = valid.drop(columns=[FILE, LINE]).sort_values(["occurred_at", "event_id"])
+    return EventBatch(valid.reset_index(drop=True), quarantine, dropped, len(rows))
+
+
+def drop_duplicate_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Keep the first copy of each event_id; quarantine copies whose payload differs.
+
+    Sources deliver at least once, so an identical copy is expected and dropped (and
+    counted). A copy with another payload means two different events share an ID, and
+    neither can be trusted to be the other, so the later copy is quarantined.
+    """
+    if events.empty:
+        return events, empty_quarantine(), 0
+    payload = events[EVENT_COLUMNS].astype(str)
+    fingerprint = pd.util.hash_pandas_object(payload, index=False)
+    first = fingerprint.groupby(events["event_id"]).transform("first")
+    repeat = events["event_id"].duplicated(keep="first")
+    conflicting = repeat & (fingerprint != first)
+    identical = repeat & ~conflicting
+    conflicts = quarantine_frame(
+        "viewer_events",
+        events.loc[conflicting],
+        "event_id",
+        "event_id",
+        "conflicting duplicate: event_id already seen with another payload",
+    )
+    return events.loc[~repeat].copy(), conflicts, int(identical.sum())

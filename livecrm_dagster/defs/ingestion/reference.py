@@ -1,0 +1,137 @@
+"""Validate the reference inputs: the broadcast schedule, members and products."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from livecrm_dagster.defs.ingestion.contract import (
+    RowChecker,
+    invalid_broadcast_id_reason,
+    parse_booleans,
+    parse_instants,
+    parse_integers,
+    text,
+)
+
+BROADCAST_COLUMNS = [
+    "broadcast_id",
+    "title",
+    "starts_at",
+    "ends_at",
+    "featured_product_ids",
+    "archive_url",
+    "next_broadcast_id",
+    "next_broadcast_at",
+    "ad_spend",
+]
+MEMBER_COLUMNS = [
+    "member_id",
+    "birth_date",
+    "age",
+    "gender",
+    "email",
+    "line_user_id",
+    "consent_email",
+    "consent_line",
+    "consent_webhook",
+    "unsubscribed_at",
+]
+PRODUCT_COLUMNS = [
+    "product_id",
+    "name",
+    "category",
+    "stock",
+    "low_stock_threshold",
+    "detail_url",
+    "reviews_url",
+    "trial_product_id",
+]
+
+
+def validate_broadcasts(
+    rows: pd.DataFrame, zone: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate the schedule; an ID listed twice with the same values counts once.
+
+    An ID listed with two different schedules is quarantined in every copy, because
+    neither start time can be trusted to be the right one.
+    """
+    rows = rows.reset_index(drop=True)
+    checker = RowChecker(rows, "broadcasts", "broadcast_id")
+    checker.require("broadcast_id", "starts_at", "ends_at")
+    broadcast_id = text(rows, "broadcast_id")
+    reasons = broadcast_id.map(invalid_broadcast_id_reason)
+    checker.flag(reasons.notna() & (broadcast_id != ""), "broadcast_id", reasons)
+    starts_at, reasons = parse_instants(text(rows, "starts_at"), "starts_at", zone)
+    checker.flag(reasons.notna(), "starts_at", reasons)
+    ends_at, reasons = parse_instants(text(rows, "ends_at"), "ends_at", zone)
+    checker.flag(reasons.notna(), "ends_at", reasons)
+    checker.flag(ends_at <= starts_at, "ends_at", "ends_at is not after starts_at")
+    next_at, reasons = parse_instants(text(rows, "next_broadcast_at"), "next_broadcast_at", zone)
+    checker.flag(reasons.notna(), "next_broadcast_at", reasons)
+    ad_spend, reasons = parse_integers(text(rows, "ad_spend"), "ad_spend")
+    checker.flag(reasons.notna(), "ad_spend", reasons)
+
+    schedule = pd.DataFrame({column: text(rows, column) for column in BROADCAST_COLUMNS})
+    schedule["starts_at"] = starts_at
+    schedule["ends_at"] = ends_at
+    schedule["next_broadcast_at"] = next_at
+    schedule["ad_spend"] = ad_spend
+    usable = schedule.loc[~checker.bad]
+    fingerprint = pd.util.hash_pandas_object(usable.astype(str), index=False)
+    variants = fingerprint.groupby(usable["broadcast_id"]).transform("nunique")
+    clashing = variants.reindex(schedule.index, fill_value=1) > 1
+    checker.flag(clashing, "broadcast_id", "broadcast_id is listed twice with different values")
+    valid, quarantine = checker.split(schedule)
+    # Two file drops that repeat the same row describe one broadcast.
+    valid = valid.drop_duplicates("broadcast_id", keep="first")
+    return valid.sort_values("starts_at").reset_index(drop=True), quarantine
+
+
+def validate_members(rows: pd.DataFrame, zone: str | None = None):
+    rows = rows.reset_index(drop=True)
+    checker = RowChecker(rows, "members", "member_id")
+    checker.require("member_id")
+    checker.flag(
+        text(rows, "member_id").duplicated(keep="first") & (text(rows, "member_id") != ""),
+        "member_id",
+        "member_id is listed twice",
+    )
+    members = pd.DataFrame({column: text(rows, column) for column in MEMBER_COLUMNS})
+    age, reasons = parse_integers(text(rows, "age"), "age")
+    checker.flag(reasons.notna() | (age < 0) | (age > 130), "age", "age is not between 0 and 130")
+    members["age"] = age
+    birth = pd.to_datetime(text(rows, "birth_date").replace("", None), errors="coerce")
+    checker.flag(
+        (text(rows, "birth_date") != "") & birth.isna(),
+        "birth_date",
+        "birth_date is not a date (YYYY-MM-DD)",
+    )
+    for channel in ("consent_email", "consent_line", "consent_webhook"):
+        consent, reasons = parse_booleans(text(rows, channel), channel)
+        checker.flag(reasons.notna(), channel, reasons)
+        members[channel] = consent.fillna(False)
+    unsubscribed_at, reasons = parse_instants(
+        text(rows, "unsubscribed_at"), "unsubscribed_at", zone
+    )
+    checker.flag(reasons.notna(), "unsubscribed_at", reasons)
+    members["unsubscribed_at"] = unsubscribed_at
+    members["birth_date"] = birth.dt.strftime("%Y-%m-%d").where(birth.notna(), None)
+    return checker.split(members)
+
+
+def validate_products(rows: pd.DataFrame):
+    rows = rows.reset_index(drop=True)
+    checker = RowChecker(rows, "products", "product_id")
+    checker.require("product_id")
+    checker.flag(
+        text(rows, "product_id").duplicated(keep="first") & (text(rows, "product_id") != ""),
+        "product_id",
+        "product_id is listed twice",
+    )
+    products = pd.DataFrame({column: text(rows, column) for column in PRODUCT_COLUMNS})
+    for column in ("stock", "low_stock_threshold"):
+        numbers, reasons = parse_integers(text(rows, column), column)
+        checker.flag(reasons.notna(), column, reasons)
+        products[column] = numbers
+    return checker.split(products)

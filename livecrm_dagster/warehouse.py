@@ -1,0 +1,196 @@
+"""The warehouse: SQL tables behind the assets, on SQLite by default or PostgreSQL.
+
+Every table written per broadcast carries a `broadcast_id` column, and a write replaces
+that broadcast's rows in one transaction, so a re-run never appends duplicates and a
+failed run leaves the previous rows in place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from livecrm_dagster.tables import BOOL, FLOAT, INT, SCHEMAS, TEXT, TIME
+
+
+class UtcDateTime(sa.types.TypeDecorator):
+    """An instant stored in UTC, so neither the server's nor the session's zone matters."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+            return None
+        if isinstance(value, pd.Timestamp):
+            value = value.to_pydatetime()
+        if value.tzinfo is None:
+            raise ValueError(f"refusing to store a time without a zone: {value!r}")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+_SQL_TYPES = {
+    TIME: UtcDateTime,
+    TEXT: sa.Text,
+    INT: sa.BigInteger,
+    FLOAT: sa.Float,
+    BOOL: sa.Boolean,
+}
+
+
+def _table(metadata: sa.MetaData, name: str, columns: Sequence[tuple[str, str]], *keys: str):
+    sql_columns = [
+        sa.Column(column, _SQL_TYPES[kind](), primary_key=column in keys)
+        for column, kind in columns
+    ]
+    return sa.Table(name, metadata, *sql_columns)
+
+
+def column_kinds(name: str) -> dict[str, str]:
+    return dict(SCHEMAS[name][0])
+
+
+class Warehouse:
+    """Reads and writes the warehouse tables through one SQLAlchemy engine."""
+
+    def __init__(self, url: str):
+        self.url = url
+        connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
+        self.engine: Engine = sa.create_engine(url, connect_args=connect_args)
+        self.metadata = sa.MetaData()
+        for name, (columns, keys) in SCHEMAS.items():
+            _table(self.metadata, name, columns, *keys)
+        self.metadata.create_all(self.engine)
+
+    def table(self, name: str) -> sa.Table:
+        return self.metadata.tables[name]
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def replace_rows(self, name: str, where: Mapping[str, object], frame: pd.DataFrame) -> int:
+        """Replace the rows matching `where` (column equals value) with `frame`, atomically."""
+        table = self.table(name)
+        frame = _conform(frame, name, where)
+        with self.engine.begin() as connection:
+            condition = sa.and_(*(table.c[column] == value for column, value in where.items()))
+            connection.execute(table.delete().where(condition))
+            self._insert(connection, table, frame)
+        return len(frame)
+
+    def replace_partition(self, name: str, broadcast_id: str, frame: pd.DataFrame) -> int:
+        return self.replace_rows(name, {"broadcast_id": broadcast_id}, frame)
+
+    def replace_table(self, name: str, frame: pd.DataFrame) -> int:
+        return self.replace_rows(name, {}, frame)
+
+    def read(self, name: str, **equals: object) -> pd.DataFrame:
+        """Read a table's rows whose columns equal the given values (or are in a list)."""
+        table = self.table(name)
+        conditions = [
+            table.c[column].in_(list(value))
+            if isinstance(value, list | tuple | set | frozenset)
+            else table.c[column] == value
+            for column, value in equals.items()
+        ]
+        return self.query(name, *conditions)
+
+    def query(self, name: str, *conditions: sa.ColumnElement[bool]) -> pd.DataFrame:
+        """Read a table's rows matching SQLAlchemy conditions, with typed columns."""
+        table = self.table(name)
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.select(table).where(*conditions)).all()
+        frame = pd.DataFrame.from_records(rows, columns=[column.name for column in table.columns])
+        return _typed(frame, name)
+
+    def read_partition(self, name: str, broadcast_id: str) -> pd.DataFrame:
+        return self.read(name, broadcast_id=broadcast_id)
+
+    def _insert(self, connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        if self.dialect == "postgresql":
+            _copy_into(connection, table, frame)
+            return
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        connection.execute(table.insert(), records)
+
+
+def _conform(frame: pd.DataFrame, name: str, where: Mapping[str, object]) -> pd.DataFrame:
+    """Order columns as the schema does, fill the `where` columns, and reject unknown ones."""
+    kinds = column_kinds(name)
+    frame = frame.copy()
+    for column, value in where.items():
+        if column not in frame.columns:
+            frame[column] = value
+        elif not (frame[column] == value).all():
+            raise ValueError(f"{name}: rows outside {column}={value!r} in a write for it")
+    unknown = sorted(set(frame.columns) - set(kinds))
+    if unknown:
+        raise ValueError(f"{name}: columns not in the table schema: {unknown}")
+    missing = [column for column in kinds if column not in frame.columns]
+    for column in missing:
+        frame[column] = None
+    return frame[list(kinds)]
+
+
+def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    for column, kind in column_kinds(name).items():
+        if kind == TIME:
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+        elif kind == INT:
+            frame[column] = frame[column].astype("Int64")
+        elif kind == FLOAT:
+            frame[column] = frame[column].astype("float64")
+        elif kind == BOOL:
+            frame[column] = frame[column].astype("boolean")
+        else:
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return frame
+
+
+def _copy_into(connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
+    """Bulk-load with PostgreSQL's COPY inside the caller's transaction."""
+    kinds = column_kinds(table.name)
+    columns = list(frame.columns)
+    values = [_python_values(frame[column], kinds[column]) for column in columns]
+    quoted = ", ".join(f'"{column}"' for column in columns)
+    cursor = connection.connection.driver_connection.cursor()
+    with cursor.copy(f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
+        for row in zip(*values, strict=True):
+            copy.write_row(row)
+
+
+def _python_values(series: pd.Series, kind: str) -> list:
+    """Turn a column into plain Python values with None for missing ones, as COPY takes them."""
+    missing = series.isna().to_numpy()
+    if kind == TIME:
+        items = pd.to_datetime(series, utc=True).dt.to_pydatetime().tolist()
+    elif kind == INT:
+        items = [None if gone else int(value) for value, gone in zip(series, missing, strict=True)]
+        return items
+    elif kind == BOOL:
+        items = [None if gone else bool(value) for value, gone in zip(series, missing, strict=True)]
+        return items
+    elif kind == FLOAT:
+        items = series.astype("float64").tolist()
+    else:
+        items = [None if gone else str(value) for value, gone in zip(series, missing, strict=True)]
+        return items
+    return [None if gone else value for value, gone in zip(items, missing, strict=True)]
