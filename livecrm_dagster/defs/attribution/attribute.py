@@ -45,10 +45,14 @@ class Broadcast:
 
 
 def end_of_shop_day(instant: pd.Timestamp, zone: ZoneInfo) -> pd.Timestamp:
-    """Return the last second (23:59:59) of the shop-time day that contains `instant`."""
+    """Return the last microsecond (23:59:59.999999) of the shop-time day of `instant`.
+
+    Times are stored with microsecond precision, so a payment at 23:59:59.5 is still
+    inside the day.
+    """
     local = instant.tz_convert(zone)
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=zone)
-    return pd.Timestamp(midnight).tz_convert("UTC") - pd.Timedelta(seconds=1)
+    return pd.Timestamp(midnight).tz_convert("UTC") - pd.Timedelta(microseconds=1)
 
 
 def attribute_orders(

@@ -22,7 +22,11 @@ ORDER_STATUSES = ("pending", "paid", "cancelled", "refunded")
 STATUS_RANK = {"pending": 0, "paid": 1, "cancelled": 2, "refunded": 2}
 
 QUARANTINE_COLUMNS = ["input", "file", "line", "record_key", "field", "reason"]
-_OFFSET = re.compile(r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$")
+# The offset must follow a time of day, so the day of a bare date ("2024-06-10") is not
+# read as an offset of -10 hours.
+_OFFSET = re.compile(
+    r"[Tt ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?\s?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+)
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n"}
@@ -121,7 +125,10 @@ def parse_instants(values: pd.Series, field: str, zone: str | None) -> tuple[pd.
         skipped = local & instants.isna() & naive.reindex(values.index).notna()
         reasons[skipped] = f"{field} is ambiguous or does not exist in {zone} (a clock change)"
     elif local.any():
-        reasons[local] = f"{field} has no UTC offset and the source declares no time zone"
+        # Only a value that is a time apart from its missing offset gets this reason.
+        naive = pd.to_datetime(values[local], format="ISO8601", errors="coerce")
+        zoneless = naive.notna().reindex(values.index, fill_value=False)
+        reasons[zoneless] = f"{field} has no UTC offset and the source declares no time zone"
     unparsed = ~empty & instants.isna() & reasons.isna()
     reasons[unparsed] = f"{field} is not an ISO 8601 time: " + values[unparsed].str.slice(0, 40)
     return instants, reasons
@@ -133,10 +140,14 @@ def parse_integers(values: pd.Series, field: str) -> tuple[pd.Series, pd.Series]
     well_formed = values.str.match(_INTEGER).astype(bool)
     numbers = pd.Series(pd.NA, index=values.index, dtype="Int64")
     reasons = pd.Series(None, index=values.index, dtype=object)
-    parsed = {index: int(value) for index, value in values[well_formed].items()}
-    fits = [index for index, number in parsed.items() if abs(number) <= _INT64_MAX]
-    numbers[fits] = [parsed[index] for index in fits]
-    reasons[[index for index in parsed if index not in set(fits)]] = f"{field} is out of range"
+    digits = values.str.lstrip("+-").str.lstrip("0").str.len()
+    # Up to 18 digits always fits in int64; only longer values need an exact check.
+    short = well_formed & (digits <= 18)
+    numbers[short] = values[short].astype("int64")
+    long_values = values[well_formed & ~short]
+    fits = long_values.map(lambda value: abs(int(value)) <= _INT64_MAX).astype(bool)
+    numbers[fits[fits].index] = [int(value) for value in long_values[fits]]
+    reasons[fits[~fits].index] = f"{field} is out of range"
     bad_form = ~well_formed & (values != "")
     reasons[bad_form] = f"{field} is not a whole number in ASCII digits: " + values[
         bad_form

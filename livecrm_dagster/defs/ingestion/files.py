@@ -112,7 +112,8 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _to_text(value: object) -> str:
-    if value is None:
+    # Parquet nulls arrive as pd.NA (nullable integers) or pd.NaT (timestamps).
+    if value is None or value is pd.NA or value is pd.NaT:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"

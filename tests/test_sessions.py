@@ -1,0 +1,236 @@
+"""Sessions, watched seconds and viewing rate, computed by hand on one-hour broadcasts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from livecrm_dagster.defs.sessions.sessionize import viewing_sessions, watched_by_member
+
+STARTS_AT = pd.Timestamp("2024-06-10T20:00:00+09:00")
+ENDS_AT = pd.Timestamp("2024-06-10T21:00:00+09:00")
+TIMEOUT = 60.0
+
+
+def _at(clock: str) -> pd.Timestamp:
+    """Return the instant of a wall-clock time on the broadcast's evening in Tokyo."""
+    return pd.Timestamp(f"2024-06-10T{clock}+09:00")
+
+
+def _event(member_id: str, clock: str, event_type: str = "heartbeat", device_id: str = ""):
+    return {
+        "member_id": member_id,
+        "device_id": device_id,
+        "type": event_type,
+        "occurred_at": _at(clock),
+    }
+
+
+def _every_ten_seconds(member_id: str, first: str, last: str, device_id: str = ""):
+    times = pd.date_range(_at(first), _at(last), freq="10s")
+    return [
+        {"member_id": member_id, "device_id": device_id, "type": "heartbeat", "occurred_at": t}
+        for t in times
+    ]
+
+
+def _frame(events: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(events, columns=["member_id", "device_id", "type", "occurred_at"])
+    frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True)
+    return frame
+
+
+def _sessions(events: list[dict]) -> pd.DataFrame:
+    return viewing_sessions(_frame(events), STARTS_AT, ENDS_AT, TIMEOUT)
+
+
+def _watched(events: list[dict]) -> pd.DataFrame:
+    return watched_by_member(_sessions(events), STARTS_AT, ENDS_AT)
+
+
+@pytest.mark.parametrize(
+    ("gap_seconds", "sessions", "watched_seconds"),
+    [
+        # One second under the timeout: 59 s gap plus 30 s after it, one session.
+        (59, 1, 89.0),
+        # Exactly the timeout stays inside the session: 60 s plus 30 s.
+        (60, 1, 90.0),
+        # One second over the timeout cuts: a 0 s session, then a 30 s one.
+        (61, 2, 30.0),
+        # A ten-minute gap cuts as well: a 0 s session, then a 30 s one.
+        (600, 2, 30.0),
+    ],
+)
+def test_gap_against_timeout_cuts_sessions(gap_seconds, sessions, watched_seconds):
+    first = _at("20:10:00")
+    times = [first, first + pd.Timedelta(seconds=gap_seconds)]
+    times.append(times[1] + pd.Timedelta(seconds=30))
+    events = [
+        {"member_id": "m1", "device_id": "", "type": "heartbeat", "occurred_at": t} for t in times
+    ]
+    result = _sessions(events)
+    assert len(result) == sessions
+    assert result["watched_seconds"].sum() == pytest.approx(watched_seconds)
+
+
+def test_gap_of_exactly_timeout_stays_in_session():
+    events = [_event("m1", "20:10:00"), _event("m1", "20:11:00")]
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "ended_at"] == _at("20:11:00")
+
+
+def test_missing_view_end_ends_at_last_heartbeat():
+    events = [_event("m1", "20:00:00", "view_start")] + _every_ten_seconds(
+        "m1", "20:00:10", "20:05:00"
+    )
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "started_at"] == _at("20:00:00")
+    assert result.loc[0, "ended_at"] == _at("20:05:00")
+    assert result.loc[0, "watched_seconds"] == pytest.approx(300.0)
+
+
+def test_view_end_closes_its_device_session():
+    # d1 ends at 20:10:00 and starts again 30 s later, inside the timeout.
+    events = (
+        _every_ten_seconds("m1", "20:00:00", "20:09:50", device_id="d1")
+        + [_event("m1", "20:10:00", "view_end", device_id="d1")]
+        + _every_ten_seconds("m1", "20:10:30", "20:20:00", device_id="d1")
+    )
+    result = _sessions(events)
+    assert len(result) == 2
+    assert result["watched_seconds"].tolist() == [600.0, 570.0]
+
+
+def test_view_end_of_one_device_keeps_other():
+    events = (
+        _every_ten_seconds("m1", "20:00:00", "20:09:50", device_id="d1")
+        + [_event("m1", "20:10:00", "view_end", device_id="d1")]
+        + _every_ten_seconds("m1", "20:05:00", "20:30:00", device_id="d2")
+    )
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "ended_at"] == _at("20:30:00")
+    assert result.loc[0, "watched_seconds"] == pytest.approx(1800.0)
+    assert result.loc[0, "devices"] == 2
+
+
+def test_view_end_without_device_closes_nothing():
+    # Without device IDs, the view_end may come from a second tab while the first plays on.
+    events = _every_ten_seconds("m1", "20:00:00", "20:30:00") + [
+        _event("m1", "20:10:05", "view_end")
+    ]
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "watched_seconds"] == pytest.approx(1800.0)
+
+
+def test_overlapping_devices_merged_not_added():
+    # d1 plays 20:00-20:40 and d2 20:20-20:50: the union is 50 min, not 40 + 30 min.
+    events = _every_ten_seconds("m1", "20:00:00", "20:40:00", device_id="d1")
+    events += _every_ten_seconds("m1", "20:20:00", "20:50:00", device_id="d2")
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "watched_seconds"] == pytest.approx(3000.0)
+    assert result.loc[0, "devices"] == 2
+    assert result.loc[0, "events"] == 241 + 181
+
+
+def test_touching_device_sessions_merge():
+    events = _every_ten_seconds("m1", "20:00:00", "20:10:00", device_id="d1")
+    events += _every_ten_seconds("m1", "20:10:00", "20:20:00", device_id="d2")
+    result = _sessions(events)
+    assert len(result) == 1
+    assert result.loc[0, "watched_seconds"] == pytest.approx(1200.0)
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "watched_seconds"),
+    [
+        # Joined ten minutes early: only 20:00-20:10 counts.
+        ("19:50:00", "20:10:00", 600.0),
+        # Stayed ten minutes after the end: only 20:50-21:00 counts.
+        ("20:50:00", "21:10:00", 600.0),
+        # Watched from before the start to after the end: the whole hour.
+        ("19:30:00", "21:30:00", 3600.0),
+    ],
+)
+def test_viewing_outside_broadcast_is_clipped(first, last, watched_seconds):
+    watched = _watched(_every_ten_seconds("m1", first, last))
+    assert watched.loc["m1", "watched_seconds"] == pytest.approx(watched_seconds)
+
+
+def test_anonymous_viewers_are_excluded():
+    events = _every_ten_seconds("", "20:00:00", "20:30:00", device_id="anon")
+    events += _every_ten_seconds("m1", "20:00:00", "20:10:00")
+    assert _sessions(events)["member_id"].tolist() == ["m1"]
+    assert _watched(events).index.tolist() == ["m1"]
+
+
+def test_stray_events_only_is_not_viewer():
+    # m1 sent heartbeats at 19:00-19:05 and at 22:00 only, all outside [20:00, 21:00].
+    events = _every_ten_seconds("m1", "19:00:00", "19:05:00") + [_event("m1", "22:00:00")]
+    assert len(_sessions(events)) == 2
+    assert "m1" not in _watched(events).index
+
+
+def test_single_event_inside_makes_viewer():
+    # One heartbeat inside the broadcast gives 0 s of watched time but a viewing member.
+    watched = _watched([_event("m1", "20:30:00")])
+    assert watched.loc["m1", "watched_seconds"] == 0.0
+    assert watched.loc["m1", "viewing_rate"] == 0.0
+
+
+def test_heartbeat_exactly_at_end_counts():
+    watched = _watched([_event("m1", "21:00:00")])
+    assert watched.index.tolist() == ["m1"]
+
+
+def test_chat_alone_is_not_viewing():
+    watched = _watched([_event("m1", "20:30:00", "chat")])
+    assert watched.empty
+
+
+@pytest.mark.parametrize(
+    ("events", "viewing_rate"),
+    [
+        # Two devices each covering the whole hour and more: capped by the union, 1.0.
+        (
+            _every_ten_seconds("m1", "19:00:00", "22:00:00", device_id="d1")
+            + _every_ten_seconds("m1", "19:30:00", "21:30:00", device_id="d2"),
+            1.0,
+        ),
+        # Half the broadcast: 20:00-20:30.
+        (_every_ten_seconds("m1", "20:00:00", "20:30:00"), 0.5),
+        # Two separate sessions of 9 min each (20:00-20:09, 20:30-20:39): 1080 s.
+        (
+            _every_ten_seconds("m1", "20:00:00", "20:09:00")
+            + _every_ten_seconds("m1", "20:30:00", "20:39:00"),
+            0.3,
+        ),
+    ],
+)
+def test_viewing_rate_stays_in_unit_interval(events, viewing_rate):
+    rate = _watched(events).loc["m1", "viewing_rate"]
+    assert rate == pytest.approx(viewing_rate)
+    assert 0.0 <= rate <= 1.0
+
+
+def test_members_sessions_are_numbered_separately():
+    events = _every_ten_seconds("m1", "20:00:00", "20:05:00")
+    events += _every_ten_seconds("m1", "20:20:00", "20:25:00")
+    events += _every_ten_seconds("m2", "20:00:00", "20:05:00")
+    result = _sessions(events)
+    assert result["member_id"].tolist() == ["m1", "m1", "m2"]
+    assert result["session_no"].tolist() == [1, 2, 1]
+
+
+def test_no_viewing_events_give_no_sessions():
+    assert _sessions([_event("m1", "20:30:00", "chat")]).empty
+
+
+def test_zero_length_broadcast_is_rejected():
+    sessions = _sessions(_every_ten_seconds("m1", "20:00:00", "20:05:00"))
+    with pytest.raises(ValueError, match="broadcast length must be positive"):
+        watched_by_member(sessions, STARTS_AT, STARTS_AT)
