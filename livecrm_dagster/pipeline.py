@@ -43,8 +43,15 @@ def pipeline_resources(
 
 
 def _materialize(assets, resources, instance, partition_key: str | None = None) -> None:
+    # Step events stay in the instance's event log; the console shows warnings only.
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     result = dg.materialize(
-        assets, resources=resources, instance=instance, partition_key=partition_key
+        assets,
+        resources=resources,
+        instance=instance,
+        partition_key=partition_key,
+        run_config=quiet,
+        tags={"livecrm/broadcast": partition_key} if partition_key else None,
     )
     if not result.success:
         raise RuntimeError(f"materialization of partition {partition_key!r} failed")

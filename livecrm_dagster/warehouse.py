@@ -181,6 +181,9 @@ def _python_values(series: pd.Series, kind: str) -> list:
     """Turn a column into plain Python values with None for missing ones, as COPY takes them."""
     missing = series.isna().to_numpy()
     if kind == TIME:
+        naive = pd.api.types.is_datetime64_dtype(series) and series.dt.tz is None
+        if naive and series.notna().any():
+            raise ValueError(f"refusing to store times without a zone in {series.name!r}")
         items = pd.to_datetime(series, utc=True).dt.to_pydatetime().tolist()
     elif kind == INT:
         items = [None if gone else int(value) for value, gone in zip(series, missing, strict=True)]

@@ -30,7 +30,9 @@ GROUP = "reporting"
     deps=[viewing_sessions, order_attribution, raw_viewer_events, members],
 )
 def viewer_summary(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    shop_settings: ShopSettingsResource,
 ) -> dg.MaterializeResult:
     """One row per viewing member (個客): profile, viewing, engagement and purchases."""
     store = warehouse.get()
@@ -41,7 +43,9 @@ def viewer_summary(
     attribution = store.read_partition("order_attribution", broadcast.broadcast_id)
     profiles = store.read("members", member_id=list(watched.index))
 
-    summary = summarize(events, watched, attribution, profiles, broadcast.starts_at)
+    summary = summarize(
+        events, watched, attribution, profiles, broadcast.starts_at, shop_settings.get().zone
+    )
 
     store.replace_partition("viewer_summary", broadcast.broadcast_id, summary)
     context.log.info(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 import numpy as np
 import pandas as pd
 
@@ -38,10 +40,10 @@ _AGE_BANDS = [
 ]
 
 
-def age_bands(members: pd.DataFrame, on: pd.Timestamp) -> pd.Series:
-    """Return each member's age band on the day `on`, from the age or the birth date."""
+def age_bands(members: pd.DataFrame, on: pd.Timestamp, zone: ZoneInfo) -> pd.Series:
+    """Return each member's age band on the shop-time day of `on`, from age or birth date."""
     birth = pd.to_datetime(members["birth_date"], errors="coerce")
-    day = on.tz_convert("UTC").tz_localize(None)
+    day = on.tz_convert(zone).tz_localize(None)
     had_birthday = (birth.dt.month < day.month) | (
         (birth.dt.month == day.month) & (birth.dt.day <= day.day)
     )
@@ -59,6 +61,7 @@ def viewer_summary(
     attribution: pd.DataFrame,
     members: pd.DataFrame,
     starts_at: pd.Timestamp,
+    zone: ZoneInfo,
 ) -> pd.DataFrame:
     """Build the per-member table of a broadcast's viewing members.
 
@@ -94,7 +97,7 @@ def viewer_summary(
     summary["products_bought"] = summary["products_bought"].fillna("")
     profile = members.set_index("member_id").reindex(summary.index)
     summary["gender"] = profile["gender"].fillna("").replace("", "unknown")
-    summary["age_band"] = age_bands(profile.reset_index(), starts_at).to_numpy()
+    summary["age_band"] = age_bands(profile.reset_index(), starts_at, zone).to_numpy()
     return summary.reset_index()[SUMMARY_COLUMNS]
 
 
