@@ -219,4 +219,14 @@ SCHEMAS: dict[str, Schema] = {
         ],
         ("broadcast_id", "segment", "member_id", "question_id"),
     ),
+    "quality_checks": (
+        [
+            ("broadcast_id", TEXT),
+            ("asset", TEXT),
+            ("check_name", TEXT),
+            ("passed", BOOL),
+            ("description", TEXT),
+        ],
+        ("broadcast_id", "asset", "check_name"),
+    ),
 }

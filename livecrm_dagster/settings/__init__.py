@@ -65,6 +65,13 @@ class QualitySettings(_Strict):
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
 
 
+class OperationsSettings(_Strict):
+    """When analytics run: after a settling delay, and again while late orders arrive."""
+
+    settle_minutes: float = Field(30, ge=0)
+    refresh_days: float = Field(7, ge=0)
+
+
 class ShopSettings(_Strict):
     """Everything the analytics need to know about the shop."""
 
@@ -75,6 +82,7 @@ class ShopSettings(_Strict):
     tiers: TierSettings = TierSettings()
     attribution: AttributionSettings = AttributionSettings()
     quality: QualitySettings = QualitySettings()
+    operations: OperationsSettings = OperationsSettings()
     sources: dict[str, SourceSettings] = {}
 
     @field_validator("timezone")

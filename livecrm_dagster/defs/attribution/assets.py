@@ -9,6 +9,7 @@ from livecrm_dagster.defs.ingestion.assets import raw_orders, raw_viewer_events
 from livecrm_dagster.defs.partitions import broadcast_partitions
 from livecrm_dagster.defs.sessions.assets import viewing_sessions
 from livecrm_dagster.defs.sessions.sessionize import watched_by_member
+from livecrm_dagster.quality import CheckOutcome, check_spec, record_checks
 from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
 from livecrm_dagster.warehouse import Warehouse
 
@@ -31,10 +32,43 @@ def other_viewing(store: Warehouse, broadcast_id: str, member_ids: list[str]) ->
     return pairs.merge(starts, on="broadcast_id")
 
 
+def _counted_once(store: Warehouse, broadcast_id: str, attribution: pd.DataFrame) -> CheckOutcome:
+    """Find orders this broadcast counts that another stored partition counts too.
+
+    A clash appears when a broadcast was rebuilt after a later one the same member
+    watched; re-running both partitions in start order resolves it.
+    """
+    mine = attribution.loc[attribution["counted"].astype(bool), "order_id"].tolist()
+    table = store.table("order_attribution")
+    others = store.query(
+        "order_attribution",
+        table.c.order_id.in_(mine),
+        table.c.broadcast_id != broadcast_id,
+        table.c.counted.is_(True),
+    )
+    clashes = sorted(others["order_id"].unique())
+    return CheckOutcome(
+        "orders_counted_once",
+        not clashes,
+        f"{len(clashes)} of {len(mine)} counted orders are also counted by another broadcast",
+        {
+            "clashes": len(clashes),
+            "also_counted_by": ", ".join(sorted(others["broadcast_id"].unique())),
+        },
+    )
+
+
 @dg.asset(
     group_name="attribution",
     partitions_def=broadcast_partitions,
     deps=[raw_orders, viewing_sessions, raw_viewer_events],
+    check_specs=[
+        check_spec(
+            "order_attribution",
+            "orders_counted_once",
+            "No order this broadcast counts is also counted by another broadcast.",
+        )
+    ],
 )
 def order_attribution(
     context: dg.AssetExecutionContext,
@@ -73,7 +107,14 @@ def order_attribution(
         int(attribution["post_live"].sum()),
         len(taken),
     )
+    checks = record_checks(
+        store,
+        broadcast.broadcast_id,
+        "order_attribution",
+        [_counted_once(store, broadcast.broadcast_id, attribution)],
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": dg.MetadataValue.int(len(attribution)),
             "orders_during_live": dg.MetadataValue.int(int(attribution["during_live"].sum())),
@@ -82,5 +123,5 @@ def order_attribution(
                 int(attribution["clicked_then_bought"].sum())
             ),
             "orders_counted_elsewhere": dg.MetadataValue.int(len(taken)),
-        }
+        },
     )

@@ -19,7 +19,9 @@ from livecrm_dagster.defs.ingestion.reference import (
     validate_products,
 )
 from livecrm_dagster.defs.partitions import broadcast_partitions
+from livecrm_dagster.quality import CheckOutcome, check_spec, record_checks
 from livecrm_dagster.resources import ShopSettingsResource, SourceResource, WarehouseResource
+from livecrm_dagster.settings import ShopSettings
 
 GROUP = "ingestion"
 WHOLE_INPUT = "all"
@@ -202,7 +204,49 @@ def _event_rows(source: SourceResource, broadcast_id: str) -> tuple[pd.DataFrame
     return rows, quarantine_frame("viewer_events", broken_rows, "record_key", "", broken["reason"])
 
 
-@dg.asset(group_name=GROUP, partitions_def=broadcast_partitions, deps=[broadcasts])
+def _event_checks(events, broadcast, quarantine, rows_read, settings: ShopSettings):
+    limit = settings.quality.max_quarantine_share
+    share = len(quarantine) / rows_read if rows_read else 0.0
+    inside = events.loc[
+        events["type"].isin(["view_start", "heartbeat", "view_end"])
+        & (events["member_id"] != "")
+        & (events["occurred_at"] >= broadcast.starts_at)
+        & (events["occurred_at"] <= broadcast.ends_at)
+    ]
+    return [
+        CheckOutcome(
+            "quarantine_share_below_threshold",
+            share <= limit,
+            f"{len(quarantine):,} of {rows_read:,} rows quarantined "
+            f"({share:.1%}, limit {limit:.1%})",
+            {"quarantined": len(quarantine), "rows_read": rows_read, "share": share},
+        ),
+        CheckOutcome(
+            "viewing_events_arrived",
+            not inside.empty,
+            f"{inside['member_id'].nunique():,} members sent viewing events during the broadcast",
+            {"viewing_events": len(inside)},
+        ),
+    ]
+
+
+@dg.asset(
+    group_name=GROUP,
+    partitions_def=broadcast_partitions,
+    deps=[broadcasts],
+    check_specs=[
+        check_spec(
+            "raw_viewer_events",
+            "quarantine_share_below_threshold",
+            "At most the configured share of the broadcast's event rows was quarantined.",
+        ),
+        check_spec(
+            "raw_viewer_events",
+            "viewing_events_arrived",
+            "At least one member sent a viewing event during the broadcast.",
+        ),
+    ],
+)
 def raw_viewer_events(
     context: dg.AssetExecutionContext,
     warehouse: WarehouseResource,
@@ -235,13 +279,20 @@ def raw_viewer_events(
         describe_quarantine(quarantine, rows_read),
     )
     by_type = batch.events["type"].value_counts()
+    checks = record_checks(
+        store,
+        broadcast.broadcast_id,
+        "raw_viewer_events",
+        _event_checks(batch.events, broadcast, quarantine, rows_read, settings),
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": dg.MetadataValue.int(len(batch.events)),
             "events_by_type": dg.MetadataValue.json({k: int(v) for k, v in by_type.items()}),
             "repeated_deliveries_dropped": dg.MetadataValue.int(batch.duplicates_dropped),
             **quarantine_metadata(quarantine, rows_read),
-        }
+        },
     )
 
 

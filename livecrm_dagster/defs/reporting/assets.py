@@ -19,6 +19,7 @@ from livecrm_dagster.defs.reporting.summary import (
 )
 from livecrm_dagster.defs.sessions.assets import viewing_sessions
 from livecrm_dagster.defs.sessions.sessionize import watched_by_member
+from livecrm_dagster.quality import CheckOutcome, check_spec, record_checks
 from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
 
 GROUP = "reporting"
@@ -28,6 +29,13 @@ GROUP = "reporting"
     group_name=GROUP,
     partitions_def=broadcast_partitions,
     deps=[viewing_sessions, order_attribution, raw_viewer_events, members],
+    check_specs=[
+        check_spec(
+            "viewer_summary",
+            "viewing_rate_within_bounds",
+            "Every viewing rate is a number in [0, 1].",
+        )
+    ],
 )
 def viewer_summary(
     context: dg.AssetExecutionContext,
@@ -54,14 +62,30 @@ def viewer_summary(
         int(summary["bought_during_live"].sum()),
     )
     bands = summary["age_band"].value_counts().sort_index()
+    rate = summary["viewing_rate"].astype("float64")
+    outside = int((rate.isna() | (rate < 0) | (rate > 1)).sum())
+    checks = record_checks(
+        store,
+        broadcast.broadcast_id,
+        "viewer_summary",
+        [
+            CheckOutcome(
+                "viewing_rate_within_bounds",
+                outside == 0,
+                f"{outside} of {len(summary)} viewing rates are missing or outside [0, 1]",
+                {"outside": outside},
+            )
+        ],
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": dg.MetadataValue.int(len(summary)),
             "members_by_age_band": dg.MetadataValue.json({k: int(v) for k, v in bands.items()}),
             "members_without_profile": dg.MetadataValue.int(
                 int((~summary["member_id"].isin(profiles["member_id"])).sum())
             ),
-        }
+        },
     )
 
 
@@ -89,10 +113,30 @@ def kpi_markdown(kpis: dict, currency: str) -> str:
     return "| KPI | value |\n|---|---|\n" + "\n".join(rows)
 
 
+def _revenue_check(kpis: dict, attribution: pd.DataFrame) -> CheckOutcome:
+    """Recompute revenue from the stored attribution rows, independently of the KPI code."""
+    counted = attribution["counted"].astype(bool) & attribution["during_live"].astype(bool)
+    expected = int(attribution.loc[counted & (attribution["net_amount"] > 0), "net_amount"].sum())
+    reported = int(kpis["revenue_during_live"])
+    return CheckOutcome(
+        "revenue_matches_attributed_orders",
+        reported == expected,
+        f"reported {reported:,}, attributed orders sum to {expected:,}",
+        {"reported": reported, "expected": expected},
+    )
+
+
 @dg.asset(
     group_name=GROUP,
     partitions_def=broadcast_partitions,
     deps=[viewer_summary, order_attribution, raw_viewer_events],
+    check_specs=[
+        check_spec(
+            "broadcast_kpis",
+            "revenue_matches_attributed_orders",
+            "Revenue during the live equals the sum of counted net order amounts.",
+        )
+    ],
 )
 def broadcast_kpis(
     context: dg.AssetExecutionContext,
@@ -117,7 +161,11 @@ def broadcast_kpis(
     store.replace_partition("broadcast_kpis", broadcast.broadcast_id, row)
     line = report_line(kpis, currency)
     context.log.info("%s: %s", broadcast.broadcast_id, line)
+    checks = record_checks(
+        store, broadcast.broadcast_id, "broadcast_kpis", [_revenue_check(kpis, attribution)]
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": dg.MetadataValue.int(1),
             "report": dg.MetadataValue.text(line),
@@ -127,5 +175,5 @@ def broadcast_kpis(
             "cvr": dg.MetadataValue.float(float(kpis["cvr"])),
             "revenue_during_live": dg.MetadataValue.int(int(kpis["revenue_during_live"])),
             "non_buyers": dg.MetadataValue.int(int(kpis["non_buyers"])),
-        }
+        },
     )
