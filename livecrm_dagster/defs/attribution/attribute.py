@@ -3,7 +3,7 @@
 - During the live: paid_at in [start, end], both ends included.
 - Post-live: paid_at after the end and at most `post_live_days` later; `same_night`
   marks those paid by 23:59:59 of the end's day in shop time.
-- Clicked then bought: the order holds a product the member clicked in this broadcast,
+- Clicked then bought: the order contains a product the member clicked in this broadcast,
   paid after the click and at most `clicked_then_bought_days` later.
 
 Only orders of the broadcast's viewing members are considered. An order counts for one
@@ -67,9 +67,9 @@ def attribute_orders(
 ) -> pd.DataFrame:
     """Return one row per order of a viewing member paid inside the attribution window.
 
-    `order_lines` are netted sales lines (see `net_order_lines`); `clicks` are this
-    broadcast's product_click events; `other_viewing` lists (member_id, broadcast_id,
-    starts_at) for the other broadcasts each member was a viewing member of.
+    `order_lines` are netted sales lines (see `net_order_lines`), and `clicks` are this
+    broadcast's product_click events. `other_viewing` lists (member_id, broadcast_id,
+    starts_at) of the other broadcasts where each member was a viewing member.
     """
     window_end = broadcast.ends_at + pd.Timedelta(
         days=max(post_live_days, clicked_then_bought_days)

@@ -187,7 +187,7 @@ def _event_rows(source: SourceResource, broadcast_id: str) -> tuple[pd.DataFrame
     """Read the broadcast's events: rows of shared files, plus its own sub-folder's files.
 
     Files directly in `viewer_events/` may mix broadcasts and are filtered by
-    broadcast_id; a sub-folder named after a broadcast holds that broadcast's events
+    broadcast_id; a sub-folder named after a broadcast contains that broadcast's events
     only, so reading one partition does not parse every other broadcast's files.
     """
     folder = source.input_folder("viewer_events")
@@ -197,8 +197,8 @@ def _event_rows(source: SourceResource, broadcast_id: str) -> tuple[pd.DataFrame
     own_rows, own_broken = read_files(own)
     shared_rows = shared_rows.loc[text(shared_rows, "broadcast_id") == broadcast_id]
     rows = pd.concat([shared_rows, own_rows], ignore_index=True).fillna("")
-    # A broken line in a shared file cannot be placed in a broadcast, so the
-    # `broadcasts` asset quarantines those; a broken line in the own folder is ours.
+    # A broken line in a shared file names no broadcast, so the `broadcasts` asset
+    # quarantines it. A broken line in this broadcast's own folder is quarantined here.
     broken = own_broken
     broken_rows = broken.assign(record_key="", field="")
     return rows, quarantine_frame("viewer_events", broken_rows, "record_key", "", broken["reason"])

@@ -1,4 +1,4 @@
-"""Which broadcasts are due for their first build or a late-data rebuild (pure)."""
+"""Rules that pick the broadcasts due for a first build or a late-data rebuild."""
 
 from __future__ import annotations
 

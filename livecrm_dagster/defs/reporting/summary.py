@@ -65,9 +65,9 @@ def viewer_summary(
 ) -> pd.DataFrame:
     """Build the per-member table of a broadcast's viewing members.
 
-    `watched` is indexed by member_id (see `watched_by_member`); `attribution` holds this
-    broadcast's attributed orders; only counted orders with a positive net amount make a
-    member a buyer.
+    `watched` is indexed by member_id (see `watched_by_member`). `attribution` contains
+    this broadcast's attributed orders. Only counted orders with a positive net amount
+    make a member a buyer.
     """
     summary = watched.copy()
     if summary.empty:
