@@ -56,7 +56,7 @@ def record_checks(
 
 
 def failed_checks(store: Warehouse, broadcast_id: str) -> list[str]:
-    """Return 'asset/check' names of the broadcast's checks that failed at their last run."""
+    """Return 'asset:check' keys of the broadcast's checks that failed at their last run."""
     rows = store.read("quality_checks", broadcast_id=broadcast_id)
     failed = rows.loc[~rows["passed"].astype(bool)]
-    return sorted(failed["asset"] + "/" + failed["check_name"])
+    return sorted(failed["asset"] + ":" + failed["check_name"])

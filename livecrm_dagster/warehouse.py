@@ -75,7 +75,7 @@ class Warehouse:
         self.metadata = sa.MetaData()
         for name, (columns, keys) in SCHEMAS.items():
             _table(self.metadata, name, columns, *keys)
-        self.metadata.create_all(self.engine)
+        create_tables(self.engine, self.metadata)
 
     def table(self, name: str) -> sa.Table:
         return self.metadata.tables[name]
@@ -89,7 +89,8 @@ class Warehouse:
         table = self.table(name)
         frame = _conform(frame, name, where)
         with self.engine.begin() as connection:
-            condition = sa.and_(*(table.c[column] == value for column, value in where.items()))
+            conditions = [table.c[column] == value for column, value in where.items()]
+            condition = sa.and_(*conditions) if conditions else sa.true()
             connection.execute(table.delete().where(condition))
             self._insert(connection, table, frame)
         return len(frame)
@@ -130,6 +131,24 @@ class Warehouse:
             return
         records = frame.astype(object).where(frame.notna(), None).to_dict("records")
         connection.execute(table.insert(), records)
+
+
+# Any constant works; it only has to be the same in every process using the warehouse.
+_SCHEMA_LOCK_ID = 7_421_001
+
+
+def create_tables(engine: Engine, metadata: sa.MetaData) -> None:
+    """Create missing tables; on PostgreSQL one process at a time.
+
+    Two processes that create the same table at once both pass the existence check,
+    and the second fails on PostgreSQL's catalog, so creation holds an advisory lock.
+    """
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID}
+            )
+        metadata.create_all(connection)
 
 
 def _conform(frame: pd.DataFrame, name: str, where: Mapping[str, object]) -> pd.DataFrame:

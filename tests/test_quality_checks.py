@@ -69,4 +69,4 @@ def test_checks_pass_and_fail_per_broadcast(healthy_and_silent, warehouse_url):
     }
     assert results[SILENT]["viewing_events_arrived"] is False
     assert failed_checks(store, HEALTHY) == []
-    assert failed_checks(store, SILENT) == ["raw_viewer_events/viewing_events_arrived"]
+    assert failed_checks(store, SILENT) == ["raw_viewer_events:viewing_events_arrived"]

@@ -1,0 +1,1 @@
+"""Follow-up sending: scenarios, send-time rules, the send ledger and the channels."""

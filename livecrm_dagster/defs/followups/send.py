@@ -1,0 +1,437 @@
+"""Run one follow-up step of one broadcast: re-check the audience, claim, send, record.
+
+The ledger row of every member is committed as `planned` before any request, claimed
+(`sending`) by exactly one run, and marked `sent` or `failed` after the channel responds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from livecrm_dagster.defs.followups import rules
+from livecrm_dagster.defs.followups.channels import Channel, ChannelError, Message
+from livecrm_dagster.defs.followups.ledger import (
+    FAILED,
+    HOLDOUT,
+    IN_FLIGHT_OR_SENT,
+    SKIPPED,
+    SendLedger,
+    batch_key,
+    ledger_key,
+)
+from livecrm_dagster.defs.followups.plan import shop_day, step_timing
+from livecrm_dagster.defs.followups.scenarios import FollowupSettings, Step
+from livecrm_dagster.settings import ShopSettings
+from livecrm_dagster.warehouse import Warehouse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """Counts of one step run, and the per-member decisions for a dry run."""
+
+    broadcast_id: str
+    step_id: str
+    sent: int = 0
+    failed: int = 0
+    holdout: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    # Why the whole step did nothing now (scenario_disabled, not_due, quiet_hours), if so.
+    deferred: str | None = None
+    audience: int = 0
+    dry_run: bool = False
+    decisions: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict[str, object]:
+        return {
+            "audience": self.audience,
+            "sent": self.sent,
+            "failed": self.failed,
+            "holdout": self.holdout,
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "deferred": self.deferred,
+        }
+
+
+ChannelFactory = Callable[[str], Channel]
+
+
+def run_step(
+    warehouse: Warehouse,
+    settings: FollowupSettings,
+    shop: ShopSettings,
+    channel_factory: ChannelFactory,
+    broadcast_id: str,
+    step_id: str,
+    now: dt.datetime,
+    run_id: str,
+    dry_run: bool = False,
+    failed_checks: list[str] | None = None,
+) -> StepResult:
+    """Send one step of one broadcast as of `now`, or with `dry_run` only decide it.
+
+    `failed_checks` names upstream asset checks that failed for this broadcast; every
+    member is then skipped as `blocked_by_failed_check`.
+    """
+    if now.tzinfo is None:
+        raise ValueError(f"`now` needs a UTC offset: {now!r}")
+    now = now.astimezone(dt.UTC)
+    step = settings.step(step_id)
+    result = StepResult(broadcast_id, step_id, dry_run=dry_run)
+    if not settings.is_enabled(step_id):
+        result.deferred = "scenario_disabled"
+        return result
+
+    broadcasts = warehouse.read("broadcasts", broadcast_id=broadcast_id)
+    if broadcasts.empty:
+        raise ValueError(f"broadcast {broadcast_id!r} is not in the broadcasts table")
+    broadcast = broadcasts.iloc[0].to_dict()
+    zone = shop.zone
+    timing = step_timing(step, broadcast["ends_at"].to_pydatetime(), settings, zone)
+    audience = warehouse.read("followup_audience", broadcast_id=broadcast_id)
+    audience = audience.loc[audience["segment"].isin(step.segments)]
+    audience = audience.fillna({"product_ids": "", "answer": ""})
+    # Low-stock messages also list what the member clicked, from another segment's rows.
+    if step.content == "low_stock":
+        clicked = warehouse.read(
+            "followup_audience", broadcast_id=broadcast_id, segment="clicked_not_bought"
+        ).fillna({"product_ids": ""})
+        audience = pd.concat([audience, clicked], ignore_index=True)
+    member_ids = sorted(set(audience.loc[audience["segment"].isin(step.segments), "member_id"]))
+    result.audience = len(member_ids)
+    ledger = SendLedger(warehouse.engine)
+    channel_settings = settings.channels[step.channel]
+
+    inputs = rules.StepInputs(
+        step=step,
+        settings=settings,
+        zone=zone,
+        now=now,
+        timing=timing,
+        broadcast=broadcast,
+        shop_name=shop.shop_name,
+        audience=audience,
+        members=warehouse.read("members", member_id=member_ids).set_index("member_id"),
+        products=warehouse.read("products").set_index("product_id"),
+        buyers=_buyers_since(warehouse, step, broadcast, member_ids, now),
+        step_ledger=pd.DataFrame(),
+        channel_consent=channel_settings.consent,
+        address_column=_address_column(step.channel),
+        failed_checks=list(failed_checks or []),
+    )
+    blocker = rules.step_blocker(inputs)
+    if blocker in ("not_due", "quiet_hours"):
+        result.deferred = blocker
+        return result
+
+    with ledger.step_lock(broadcast_id, step_id):
+        # Read the ledger inside the lock, so a run that waited reads the other run's sends.
+        step_rows = ledger.step_rows(broadcast_id, step_id)
+        inputs.step_ledger = step_rows.loc[step_rows["channel"] == step.channel]
+        _add_cap_context(inputs, warehouse, ledger, settings, broadcast_id, member_ids)
+        decisions = rules.decide(inputs)
+        if dry_run:
+            _count_dry_run(result, decisions)
+            return result
+        _apply(result, decisions, inputs, ledger, channel_factory, run_id)
+    return result
+
+
+def _address_column(channel: str) -> str | None:
+    return {"line": "line_user_id", "line_multicast": "line_user_id", "email": "email"}.get(channel)
+
+
+def _buyers_since(
+    warehouse: Warehouse, step: Step, broadcast: dict, member_ids: list[str], now: dt.datetime
+) -> set[str]:
+    """Return members with a paid order line since the broadcast's start (or end) until now."""
+    if step.exclude_buyers_since is None or not member_ids:
+        return set()
+    since = broadcast["starts_at" if step.exclude_buyers_since == "broadcast_start" else "ends_at"]
+    orders = warehouse.table("orders")
+    paid = warehouse.query(
+        "orders",
+        orders.c.member_id.in_(member_ids),
+        orders.c.status == "paid",
+        orders.c.paid_at >= since.to_pydatetime(),
+        orders.c.paid_at <= now,
+    )
+    return set(paid["member_id"].dropna())
+
+
+def _add_cap_context(
+    inputs: rules.StepInputs,
+    warehouse: Warehouse,
+    ledger: SendLedger,
+    settings: FollowupSettings,
+    broadcast_id: str,
+    member_ids: list[str],
+) -> None:
+    """Fill what the offer and frequency-cap rules need from the ledger and other steps."""
+    step, now, zone = inputs.step, inputs.now, inputs.zone
+    today = shop_day(now, zone).isoformat()
+    taken = ledger.member_rows(member_ids, IN_FLIGHT_OR_SENT)
+    others = taken.loc[(taken["broadcast_id"] != broadcast_id) | (taken["step_id"] != step.id)]
+    if step.offer is not None:
+        offer_key = f"{broadcast_id}:{step.offer.id}"
+        inputs.offer_taken = set(others.loc[others["offer_key"] == offer_key, "member_id"])
+    today_rows = others.loc[others["cap_slot"].fillna("").str.startswith(today + "#")]
+    inputs.sent_today = today_rows.groupby("member_id").size().to_dict()
+    inputs.outranked_by = _outranked_by(inputs, warehouse, ledger, settings, broadcast_id)
+
+
+def _outranked_by(
+    inputs: rules.StepInputs,
+    warehouse: Warehouse,
+    ledger: SendLedger,
+    settings: FollowupSettings,
+    broadcast_id: str,
+) -> dict[str, tuple[str, bool]]:
+    """Map members to a higher-priority step that may also go out to them today.
+
+    A competitor is an enabled step of a broadcast in the follow-up window. Its send time
+    is on today's shop day and not after now, it outranks this step (higher priority, then
+    lower broadcast and step id), and it has not yet decided this member. Without this,
+    whichever of two runs due in the same tick came first would win the cap.
+    """
+    step, now, zone = inputs.step, inputs.now, inputs.zone
+    today = shop_day(now, zone)
+    window_start = now - dt.timedelta(days=settings.followup_window_days)
+    broadcasts_table = warehouse.table("broadcasts")
+    recent = warehouse.query(
+        "broadcasts",
+        broadcasts_table.c.ends_at >= window_start,
+        broadcasts_table.c.ends_at <= now,
+    )
+    ours = (-step.priority, broadcast_id, step.id)
+    competitors: list[tuple[str, Step, bool]] = []
+    for row in recent.itertuples(index=False):
+        for other in settings.enabled_steps():
+            if (row.broadcast_id, other.id) == (broadcast_id, step.id):
+                continue
+            same_offer = (
+                row.broadcast_id == broadcast_id
+                and step.offer is not None
+                and other.offer is not None
+                and other.offer.id == step.offer.id
+            )
+            if not same_offer and not (step.counts_toward_cap and other.counts_toward_cap):
+                continue
+            if (-other.priority, row.broadcast_id, other.id) >= ours:
+                continue
+            timing = step_timing(other, row.ends_at.to_pydatetime(), settings, zone)
+            if timing.expires_before_send or timing.send_at > now:
+                continue
+            if shop_day(timing.send_at, zone) != today:
+                continue
+            competitors.append((row.broadcast_id, other, same_offer))
+    if not competitors:
+        return {}
+
+    members = set(inputs.audience["member_id"])
+    audiences = warehouse.read(
+        "followup_audience", broadcast_id=sorted({b for b, _, _ in competitors})
+    )
+    audiences = audiences.loc[audiences["member_id"].isin(members)]
+    decided = ledger.member_rows(sorted(members), [*IN_FLIGHT_OR_SENT, SKIPPED, FAILED, HOLDOUT])
+    decided_keys = set(
+        zip(decided["broadcast_id"], decided["step_id"], decided["member_id"], strict=True)
+    )
+    outranked: dict[str, tuple[str, bool]] = {}
+    for other_broadcast, other, same_offer in competitors:
+        in_segments = audiences.loc[
+            (audiences["broadcast_id"] == other_broadcast)
+            & audiences["segment"].isin(other.segments)
+        ]
+        for member_id in sorted(set(in_segments["member_id"])):
+            if (other_broadcast, other.id, member_id) in decided_keys:
+                continue
+            label = f"{other_broadcast}/{other.id}"
+            if member_id not in outranked or (same_offer and not outranked[member_id][1]):
+                outranked[member_id] = (label, same_offer)
+    return outranked
+
+
+def _count_dry_run(result: StepResult, decisions: list[rules.Decision]) -> None:
+    for decision in decisions:
+        if decision.action == rules.SEND:
+            result.sent += 1
+        elif decision.action == HOLDOUT:
+            result.holdout += 1
+        else:
+            result.skipped[decision.reason] += 1
+        result.decisions.append(
+            {
+                "member_id": decision.member_id,
+                "segment": decision.segment,
+                "decision": "would_send" if decision.action == rules.SEND else decision.action,
+                "reason": decision.reason,
+                "subject": decision.subject,
+            }
+        )
+
+
+def _apply(
+    result: StepResult,
+    decisions: list[rules.Decision],
+    inputs: rules.StepInputs,
+    ledger: SendLedger,
+    channel_factory: ChannelFactory,
+    run_id: str,
+) -> None:
+    step, now = inputs.step, inputs.now
+    broadcast_id = str(inputs.broadcast["broadcast_id"])
+    channel_name = step.channel
+    keys = {
+        d.member_id: ledger_key(broadcast_id, step.id, d.member_id, channel_name) for d in decisions
+    }
+    ledger.insert_planned(
+        [
+            {
+                "idempotency_key": keys[d.member_id],
+                "broadcast_id": broadcast_id,
+                "step_id": step.id,
+                "member_id": d.member_id,
+                "channel": channel_name,
+                "segment": d.segment,
+                "due_at": inputs.timing.due_at,
+            }
+            for d in decisions
+            if not d.recorded
+        ],
+        now,
+    )
+
+    offer_key = f"{broadcast_id}:{step.offer.id}" if step.offer else None
+    cap = inputs.settings.frequency_cap.messages_per_shop_day
+    day = shop_day(now, inputs.zone).isoformat()
+    cap_slots = (
+        [f"{day}#{n}" for n in range(1, cap + 1)] if step.counts_toward_cap and cap else [None]
+    )
+    lease = dt.timedelta(minutes=inputs.settings.sending_lease_minutes)
+
+    to_send: list[tuple[rules.Decision, str | None]] = []
+    for decision in decisions:
+        key = keys[decision.member_id]
+        if decision.action == rules.SEND:
+            claim = ledger.claim(key, run_id, now, lease, offer_key, cap_slots)
+            if claim.outcome == "claimed":
+                to_send.append((decision, claim.batch_key))
+                continue
+            reason = rules.ALREADY_SENT if claim.outcome == "in_flight_or_sent" else claim.outcome
+            if reason != rules.ALREADY_SENT:
+                ledger.record_outcome(key, rules.SKIP, reason, run_id, now)
+            result.skipped[reason] += 1
+        elif decision.action == HOLDOUT:
+            if not decision.recorded:
+                ledger.record_outcome(key, HOLDOUT, None, run_id, now)
+            result.holdout += 1
+        else:
+            if not decision.recorded:
+                ledger.record_outcome(key, rules.SKIP, decision.reason, run_id, now)
+            result.skipped[decision.reason] += 1
+
+    if to_send:
+        _deliver(result, to_send, inputs, ledger, channel_factory, keys, run_id)
+
+
+def _deliver(
+    result: StepResult,
+    to_send: list[tuple[rules.Decision, str | None]],
+    inputs: rules.StepInputs,
+    ledger: SendLedger,
+    channel_factory: ChannelFactory,
+    keys: dict[str, str],
+    run_id: str,
+) -> None:
+    step, now = inputs.step, inputs.now
+    broadcast_id = str(inputs.broadcast["broadcast_id"])
+    try:
+        channel = channel_factory(step.channel)
+    except ChannelError as error:
+        claimed = [keys[d.member_id] for d, _ in to_send]
+        ledger.mark_failed(claimed, run_id, now, str(error))
+        result.failed += len(claimed)
+        logger.error(
+            "step %s of %s: channel %s unusable: %s", step.id, broadcast_id, step.channel, error
+        )
+        return
+
+    address_column = channel.address_column or "email"
+    expires = rules.shop_time(inputs.timing.expires_at, inputs.zone) or None
+    messages = []
+    for decision, previous_batch in to_send:
+        member = inputs.members.loc[decision.member_id]
+        address = rules.text_value(member.get(address_column)) or None
+        message = Message(
+            key=keys[decision.member_id],
+            broadcast_id=broadcast_id,
+            step_id=step.id,
+            member_id=decision.member_id,
+            address=address,
+            subject=decision.subject,
+            text=decision.text,
+            offer_expires_at=expires,
+        )
+        messages.append((message, previous_batch))
+
+    try:
+        for batch, key in _batches(messages, channel.batch_size, ledger, run_id):
+            batch_keys = [m.key for m in batch]
+            try:
+                request_id = channel.send(batch, key)
+            except ChannelError as error:
+                ledger.mark_failed(batch_keys, run_id, now, str(error))
+                result.failed += len(batch)
+                logger.error(
+                    "step %s of %s: %d message(s) failed, key %s: %s",
+                    step.id,
+                    broadcast_id,
+                    len(batch),
+                    key,
+                    error,
+                )
+                continue
+            ledger.mark_sent(batch_keys, run_id, now, request_id)
+            result.sent += len(batch)
+    finally:
+        channel.close()
+
+
+def _batches(
+    messages: list[tuple[Message, str | None]], size: int, ledger: SendLedger, run_id: str
+) -> list[tuple[list[Message], str]]:
+    """Group messages into requests with their idempotency key.
+
+    Single messages use their ledger key. Batches (LINE multicast) share one text. A batch
+    taken over from a run that died keeps its recorded key and member list, so the receiver
+    recognises the retry as the same request.
+    """
+    if size == 1:
+        return [([message], message.key) for message, _ in messages]
+    batches: list[tuple[list[Message], str]] = []
+    resumed: dict[str, list[Message]] = {}
+    fresh: dict[tuple[str, str], list[Message]] = {}
+    for message, previous in messages:
+        if previous:
+            resumed.setdefault(previous, []).append(message)
+        else:
+            fresh.setdefault((message.subject, message.text), []).append(message)
+    for key, batch in resumed.items():
+        batches.append((batch, key))
+    for group in fresh.values():
+        for start in range(0, len(group), size):
+            batch = group[start : start + size]
+            key = batch_key(m.key for m in batch)
+            # Record the batch key before the request, so a retry after a crash reuses it.
+            ledger.set_batch([m.key for m in batch], key, run_id)
+            batches.append((batch, key))
+    return batches

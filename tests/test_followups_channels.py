@@ -1,0 +1,435 @@
+"""Channels against mocks started on 127.0.0.1: LINE, a signed webhook and SMTP."""
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from aiosmtpd.controller import Controller
+from openapi_core import OpenAPI
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
+from werkzeug import Request, Response
+
+from livecrm_dagster.defs.followups.channels.webhook import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    verify,
+)
+from livecrm_dagster.defs.followups.ledger import KEY_NAMESPACE, ledger_key
+from livecrm_dagster.defs.followups.scenarios import DEFAULT_SCENARIOS_PATH
+from tests.test_followups_support import (
+    Harness,
+    audience_row,
+    broadcast,
+    load,
+    member,
+    tokyo,
+)
+
+TOKEN = "test-channel-token-0123456789"
+SECRET = "test-webhook-secret"
+REPO = Path(__file__).resolve().parents[1]
+# LINE's own OpenAPI document of the Messaging API, kept in the shared folder beside the repo.
+LINE_SPEC = Path(__file__).parent / "specs" / "line-openapi" / "messaging-api.yml"
+
+
+def scenarios_with_channels(tmp_path: Path, **channels: str) -> str:
+    """Write the default scenarios with some steps moved to other channels."""
+    settings = yaml.safe_load(DEFAULT_SCENARIOS_PATH.read_text())
+    for scenario in settings["scenarios"].values():
+        for step in scenario["steps"]:
+            if step["id"] in channels:
+                step["channel"] = channels[step["id"]]
+    path = tmp_path / "scenarios.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def httpserver_listen_address():
+    return ("127.0.0.1", 0)
+
+
+class LineMock:
+    """A LINE Messaging API stand-in that validates bodies against LINE's OpenAPI document,
+    remembers accepted retry keys and responds to their repeats with 409."""
+
+    def __init__(self, httpserver):
+        spec = yaml.safe_load(LINE_SPEC.read_text())
+        spec["servers"] = [{"url": httpserver.url_for("").rstrip("/")}]
+        self.api = OpenAPI.from_dict(spec)
+        self.requests: list[dict] = []
+        self.accepted: dict[str, str] = {}
+        self.delivered: list[object] = []
+        # Behaviour of the next requests, in order: "slow" (accept, respond late) or "429".
+        self.plan: list[str] = []
+        self.lock = threading.Lock()
+        for path in ("/v2/bot/message/push", "/v2/bot/message/multicast"):
+            httpserver.expect_request(path, method="POST").respond_with_handler(self.handle)
+
+    def handle(self, request: Request) -> Response:
+        self.api.validate_request(WerkzeugOpenAPIRequest(request))
+        key = request.headers.get("X-Line-Retry-Key")
+        body = request.get_json()
+        with self.lock:
+            self.requests.append(
+                {
+                    "path": request.path,
+                    "key": key,
+                    "to": body["to"],
+                    "auth": request.headers.get("Authorization"),
+                    "at": time.monotonic(),
+                }
+            )
+            action = self.plan.pop(0) if self.plan else "ok"
+            if action == "429":
+                return Response('{"message": "rate limited"}', 429, {"Retry-After": "1"})
+            if key in self.accepted:
+                headers = {"x-line-accepted-request-id": self.accepted[key]}
+                return Response('{"message": "already accepted"}', 409, headers)
+            request_id = str(uuid.uuid4())
+            self.accepted[key] = request_id
+            self.delivered.append(body["to"])
+        if action == "slow":
+            # Longer than the client's 0.5 s timeout. The retry waits behind this
+            # single-threaded server and still gets its response within its own timeout.
+            time.sleep(0.7)
+        return Response(
+            json.dumps({"sentMessages": [{"id": "1", "quoteToken": "q"}]}),
+            200,
+            {"x-line-request-id": request_id, "Content-Type": "application/json"},
+        )
+
+
+@pytest.fixture
+def line(httpserver, tmp_path):
+    mock = LineMock(httpserver)
+    harness = Harness(
+        tmp_path,
+        scenarios=scenarios_with_channels(
+            tmp_path, hot_thanks_coupon="line", mid_archive="line_multicast"
+        ),
+        line_base_url=httpserver.url_for("").rstrip("/"),
+        line_token=TOKEN,
+        http_timeout_seconds=0.5,
+        http_retries=2,
+        http_backoff_seconds=0,
+    )
+    load(
+        harness.store,
+        broadcasts=[broadcast("b028", "2024-06-10 17:00", "2024-06-10 18:00")],
+        members=[member("m025")],
+        followup_audience=[audience_row("b028", "hot", "m025")],
+    )
+    return mock, harness
+
+
+def test_line_push_timeout_then_409(line):
+    """A push whose response is lost is retried with one key, and 409 counts as sent."""
+    mock, harness = line
+    mock.plan = ["slow"]
+    metadata = harness.run("b028", "hot_thanks_coupon", tokyo("2024-06-10 20:00"))
+    key = ledger_key("b028", "hot_thanks_coupon", "m025", "line")
+    assert str(uuid.UUID(key)) == key
+    assert uuid.UUID(key).version == 5
+    assert uuid.uuid5(KEY_NAMESPACE, "b028\x1fhot_thanks_coupon\x1fm025\x1fline") == uuid.UUID(key)
+    assert [r["key"] for r in mock.requests] == [key, key]
+    assert len(mock.delivered) == 1
+    assert metadata["sent"] == 1
+    row = harness.ledger_rows().iloc[0]
+    assert row["status"] == "sent"
+    assert row["request_id"] == mock.accepted[key]
+    assert all(r["auth"] == f"Bearer {TOKEN}" for r in mock.requests)
+    # Neither the token nor the LINE user ID reaches the run's logs or metadata.
+    texts = [str(entry.user_message) for entry in harness.instance.all_logs(_last_run(harness))]
+    texts.append(json.dumps(metadata, default=str))
+    assert not [t for t in texts if TOKEN in t or "Um025" in t or "@example" in t]
+
+
+def _last_run(harness: Harness) -> str:
+    (run,) = harness.instance.get_runs(limit=1)
+    return run.run_id
+
+
+def test_line_429_honours_retry_after(line):
+    mock, harness = line
+    mock.plan = ["429"]
+    harness.run("b028", "hot_thanks_coupon", tokyo("2024-06-10 20:00"))
+    assert len(mock.requests) == 2
+    assert mock.requests[1]["at"] - mock.requests[0]["at"] >= 1.0
+    assert mock.requests[0]["key"] == mock.requests[1]["key"]
+    assert harness.ledger_rows().at[0, "status"] == "sent"
+
+
+def test_line_multicast_batches_of_500(line):
+    """1,201 members go out in batches of 500, 500 and 201. A batch that timed out is
+    retried with the same member list under the same key."""
+    mock, harness = line
+    members = [f"x{n:04d}" for n in range(1201)]
+    load(
+        harness.store,
+        members=[member(m) for m in members],
+        followup_audience=[audience_row("b028", "mid", m) for m in members],
+    )
+    mock.plan = ["slow"]
+    metadata = harness.run("b028", "mid_archive", tokyo("2024-06-11 18:00"))
+    assert metadata["sent"] == 1201
+    sizes = [len(r["to"]) for r in mock.requests]
+    assert sizes == [500, 500, 500, 201]
+    assert mock.requests[0]["to"] == mock.requests[1]["to"]
+    assert mock.requests[0]["key"] == mock.requests[1]["key"]
+    assert len({r["key"] for r in mock.requests}) == 3
+    assert sorted(u for batch in mock.delivered for u in batch) == [f"U{m}" for m in members]
+    assert {r["path"] for r in mock.requests} == {"/v2/bot/message/multicast"}
+    rows = harness.ledger_rows()
+    assert rows["batch_key"].nunique() == 3
+    assert (rows["status"] == "sent").all()
+
+
+KILL_SCRIPT = """
+import os, sys
+import requests.adapters
+from tests.test_followups_support import Harness, tokyo
+
+original = requests.adapters.HTTPAdapter.send
+
+def send_then_die(self, request, **kwargs):
+    if {after}:
+        original(self, request, **kwargs)
+    os._exit(7)
+
+requests.adapters.HTTPAdapter.send = send_then_die
+harness = Harness(*{harness_args})
+harness.run({broadcast!r}, {step!r}, tokyo({now!r}))
+"""
+
+
+def run_killed(tmp_path: Path, harness: Harness, broadcast: str, step: str, now: str, after: bool):
+    """Run a step in a child process that dies just before or just after its first request."""
+    channels = harness.channels.model_dump()
+    channels.pop("outbox_dir")
+    args = f"(__import__('pathlib').Path({str(tmp_path)!r}), None, {harness.scenarios_path!r})"
+    script = KILL_SCRIPT.format(
+        after=after, harness_args=args, broadcast=broadcast, step=step, now=now
+    )
+    script = script.replace(
+        "harness = Harness(*" + args + ")", f"harness = Harness(*{args}, **{channels!r})"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 7, child.stderr[-2000:]
+
+
+def test_line_killed_after_request_rerun_gets_409(line, tmp_path):
+    """The re-run after a crash reuses the key, gets 409 and records the row as sent."""
+    mock, harness = line
+    run_killed(tmp_path, harness, "b028", "hot_thanks_coupon", "2024-06-10 20:00", after=True)
+    assert len(mock.requests) == 1
+    assert harness.ledger_rows().at[0, "status"] == "sending"
+    # Within the lease the row may still belong to a live run, so nothing is sent.
+    soon = harness.run("b028", "hot_thanks_coupon", tokyo("2024-06-10 20:05"))
+    assert soon["skipped_by_reason"] == {"in_flight": 1}
+    assert len(mock.requests) == 1
+    later = harness.run("b028", "hot_thanks_coupon", tokyo("2024-06-10 20:11"))
+    assert later["sent"] == 1
+    assert [r["key"] for r in mock.requests] == [mock.requests[0]["key"]] * 2
+    assert len(mock.delivered) == 1
+    row = harness.ledger_rows().iloc[0]
+    assert row["status"] == "sent"
+    assert row["request_id"] == mock.accepted[mock.requests[0]["key"]]
+
+
+class WebhookMock:
+    """A webhook receiver that checks the signature and de-duplicates on Idempotency-Key."""
+
+    def __init__(self, httpserver):
+        self.requests: list[dict] = []
+        self.failing = False
+        httpserver.expect_request("/hook", method="POST").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/hook")
+
+    def handle(self, request: Request) -> Response:
+        body = request.get_data()
+        valid = verify(
+            SECRET,
+            request.headers[TIMESTAMP_HEADER],
+            body,
+            request.headers[SIGNATURE_HEADER],
+        )
+        payload = json.loads(body)
+        self.requests.append(
+            {"key": request.headers["Idempotency-Key"], "member_id": payload["member_id"]}
+        )
+        if not valid:
+            return Response("bad signature", 401)
+        if self.failing:
+            return Response("unavailable", 500)
+        self.failing = self.fail_after_first
+        return Response("{}", 200, {"X-Request-Id": f"req-{len(self.requests)}"})
+
+    fail_after_first = False
+
+
+@pytest.fixture
+def webhook(httpserver, tmp_path):
+    mock = WebhookMock(httpserver)
+    harness = Harness(
+        tmp_path,
+        scenarios=scenarios_with_channels(tmp_path, clicked_detail="webhook"),
+        webhook_url=mock.url,
+        webhook_secret=SECRET,
+        http_timeout_seconds=2,
+        http_retries=1,
+        http_backoff_seconds=0,
+    )
+    load(
+        harness.store,
+        broadcasts=[broadcast("b019", "2024-06-10 17:00", "2024-06-10 18:00")],
+        members=[member("m030"), member("m031"), member("m032")],
+        products=[
+            {
+                "product_id": p,
+                "name": p,
+                "category": "c",
+                "stock": 9,
+                "low_stock_threshold": 1,
+                "detail_url": f"https://shop.example.test/p/{p}",
+                "reviews_url": "",
+                "trial_product_id": None,
+            }
+            for p in ("P-1", "P-2", "P-9")
+        ],
+        followup_audience=[
+            audience_row("b019", "clicked_not_bought", "m030", product_ids="P-1"),
+            audience_row("b019", "clicked_not_bought", "m031", product_ids="P-9"),
+            audience_row("b019", "clicked_not_bought", "m032", product_ids="P-2"),
+        ],
+    )
+    return mock, harness
+
+
+def test_webhook_signed_and_keyed(webhook):
+    mock, harness = webhook
+    metadata = harness.run("b019", "clicked_detail", tokyo("2024-06-11 18:00"))
+    assert metadata["sent"] == 3
+    assert [r["member_id"] for r in mock.requests] == ["m030", "m031", "m032"]
+    assert [r["key"] for r in mock.requests] == [
+        ledger_key("b019", "clicked_detail", m, "webhook") for m in ("m030", "m031", "m032")
+    ]
+    assert list(harness.ledger_rows()["request_id"]) == ["req-1", "req-2", "req-3"]
+
+
+def test_webhook_failure_midway_then_recovery(webhook):
+    """A receiver fails after the first request, and the re-run sends only the rest."""
+    mock, harness = webhook
+    mock.fail_after_first = True
+    first = harness.run("b019", "clicked_detail", tokyo("2024-06-11 18:00"))
+    assert (first["sent"], first["failed"]) == (1, 2)
+    rows = harness.ledger_rows().set_index("member_id")
+    assert list(rows["status"]) == ["sent", "failed", "failed"]
+    assert rows.at["m031", "error"] == "webhook returned HTTP 500"
+    mock.failing = False
+    mock.fail_after_first = False
+    seen = len(mock.requests)
+    second = harness.run("b019", "clicked_detail", tokyo("2024-06-11 18:30"))
+    assert [r["member_id"] for r in mock.requests[seen:]] == ["m031", "m032"]
+    assert second["sent"] == 2
+    assert second["skipped_by_reason"] == {"already_sent": 1}
+    assert list(harness.ledger_rows()["status"]) == ["sent", "sent", "sent"]
+
+
+def test_webhook_killed_before_request_sends_once(webhook, tmp_path):
+    """A run killed after the ledger write and before the HTTP call: no duplicate."""
+    mock, harness = webhook
+    run_killed(tmp_path, harness, "b019", "clicked_detail", "2024-06-11 18:00", after=False)
+    assert mock.requests == []
+    rows = harness.ledger_rows()
+    # Every member is claimed before the first request, so all three rows wait for the lease.
+    assert list(rows["status"]) == ["sending", "sending", "sending"]
+    soon = harness.run("b019", "clicked_detail", tokyo("2024-06-11 18:05"))
+    assert soon["skipped_by_reason"] == {"in_flight": 3}
+    assert mock.requests == []
+    again = harness.run("b019", "clicked_detail", tokyo("2024-06-11 18:20"))
+    assert again["sent"] == 3
+    assert [r["member_id"] for r in mock.requests] == ["m030", "m031", "m032"]
+    assert len({r["key"] for r in mock.requests}) == 3
+
+
+class Inbox:
+    def __init__(self):
+        self.messages: list[tuple[list[str], str]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        self.messages.append((list(envelope.rcpt_tos), envelope.content.decode()))
+        return "250 OK"
+
+
+def test_email_over_smtp(tmp_path):
+    inbox = Inbox()
+    # aiosmtpd's Controller connects to its own port to check readiness, so it needs a
+    # concrete port rather than 0.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        harness = Harness(
+            tmp_path,
+            scenarios=scenarios_with_channels(tmp_path, mid_archive="email"),
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            smtp_from="shop@example.test",
+        )
+        load(
+            harness.store,
+            broadcasts=[broadcast("b040", "2024-06-10 17:00", "2024-06-10 18:00")],
+            members=[member("m050"), member("m051", email=None)],
+            followup_audience=[audience_row("b040", "mid", m) for m in ("m050", "m051")],
+        )
+        metadata = harness.run("b040", "mid_archive", tokyo("2024-06-11 18:00"))
+    finally:
+        controller.stop()
+    assert metadata["sent"] == 1
+    assert metadata["skipped_by_reason"] == {"no_address": 1}
+    ((recipients, content),) = inbox.messages
+    assert recipients == ["m050@example.test"]
+    key = ledger_key("b040", "mid_archive", "m050", "email")
+    assert f"Message-ID: <{key}@livecrm>" in content
+    assert "Subject: Watch Live b040 again" in content
+    assert (
+        harness.ledger_rows().set_index("member_id").at["m050", "request_id"] == f"<{key}@livecrm>"
+    )
+
+
+def test_email_server_down_marks_failed(tmp_path):
+    harness = Harness(
+        tmp_path,
+        scenarios=scenarios_with_channels(tmp_path, mid_archive="email"),
+        smtp_host="127.0.0.1",
+        smtp_port=9,
+        smtp_from="shop@example.test",
+    )
+    load(
+        harness.store,
+        broadcasts=[broadcast("b041", "2024-06-10 17:00", "2024-06-10 18:00")],
+        members=[member("m052")],
+        followup_audience=[audience_row("b041", "mid", "m052")],
+    )
+    metadata = harness.run("b041", "mid_archive", tokyo("2024-06-11 18:00"))
+    assert metadata["failed"] == 1
+    row = harness.ledger_rows().iloc[0]
+    assert row["error"] == "SMTP send failed: ConnectionRefusedError"
+    assert "@" not in row["error"]
