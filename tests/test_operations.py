@@ -8,10 +8,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from livecrm_dagster.definitions import defs
 from livecrm_dagster.defs.followups.resources import FollowupClockResource
 from livecrm_dagster.defs.ingestion.due import recently_ended, settled
 from livecrm_dagster.defs.ingestion.sensors import new_broadcasts
-from livecrm_dagster.definitions import defs
 from livecrm_dagster.resources import ShopSettingsResource, SourceResource
 
 GOOD = "b-20240610_1"

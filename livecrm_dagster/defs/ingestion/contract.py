@@ -9,6 +9,7 @@ row names the reason.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pandas as pd
 
@@ -28,6 +29,16 @@ _OFFSET = re.compile(
     r"[Tt ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?\s?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
 )
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
+# A time must start with a full calendar date, because pandas' ISO 8601 parser also
+# reads a bare year ("2024", even "-5") as a time.
+_CALENDAR_DATE = re.compile(r"^[0-9]{4}-?[0-9]{2}-?[0-9]{2}(?:[Tt ]|$)")
+# Unix times: 9 or 10 digits are seconds (1973 to 2286), 12 or 13 are milliseconds.
+_EPOCH_SECONDS = re.compile(r"^[+-]?[0-9]{9,10}(?:\.[0-9]+)?$")
+_EPOCH_MILLISECONDS = re.compile(r"^[+-]?[0-9]{12,13}(?:\.[0-9]+)?$")
+# ISO 8601 week dates (2024-W24-1, 2024W241) and ordinal dates (2024-162) are valid
+# ISO 8601 but rejected, because shops and pandas write calendar dates.
+_WEEK_DATE = re.compile(r"^[0-9]{4}-?W[0-9]{2}(?:-?[0-9])?(?:[Tt ]|$)")
+_ORDINAL_DATE = re.compile(r"^[0-9]{4}-[0-9]{3}(?:[Tt ]|$)")
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n"}
 _INT64_MAX = 2**63 - 1
@@ -110,14 +121,15 @@ def parse_instants(values: pd.Series, field: str, zone: str | None) -> tuple[pd.
     """
     values = values.fillna("").astype(str).str.strip()
     empty = values == ""
-    has_offset = values.str.contains(_OFFSET) & ~empty
+    dated = values.str.match(_CALENDAR_DATE).astype(bool)
+    has_offset = values.str.contains(_OFFSET) & dated
     instants = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
     reasons = pd.Series(None, index=values.index, dtype=object)
 
     if has_offset.any():
         parsed = pd.to_datetime(values[has_offset], utc=True, format="ISO8601", errors="coerce")
         instants[has_offset] = parsed.astype("datetime64[us, UTC]")
-    local = ~has_offset & ~empty
+    local = ~has_offset & dated
     if local.any() and zone is not None:
         naive = pd.to_datetime(values[local], format="ISO8601", errors="coerce")
         placed = naive.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT")
@@ -130,8 +142,42 @@ def parse_instants(values: pd.Series, field: str, zone: str | None) -> tuple[pd.
         zoneless = naive.notna().reindex(values.index, fill_value=False)
         reasons[zoneless] = f"{field} has no UTC offset and the source declares no time zone"
     unparsed = ~empty & instants.isna() & reasons.isna()
-    reasons[unparsed] = f"{field} is not an ISO 8601 time: " + values[unparsed].str.slice(0, 40)
+    reasons[unparsed] = _unparsed_time_reasons(values[unparsed], field)
     return instants, reasons
+
+
+def _unparsed_time_reasons(values: pd.Series, field: str) -> pd.Series:
+    """Explain why each value is not a time, naming the likely mix-up where there is one."""
+    excerpt = values.str.slice(0, 40)
+    required = f"{field} must be an ISO 8601 time with a UTC offset"
+    reasons = f"{field} is not an ISO 8601 time: " + excerpt
+    seconds = values.str.match(_EPOCH_SECONDS).astype(bool)
+    reasons[seconds] = f"{required}; " + excerpt[seconds] + " looks like epoch seconds"
+    milliseconds = values.str.match(_EPOCH_MILLISECONDS).astype(bool)
+    reasons[milliseconds] = (
+        f"{required}; " + excerpt[milliseconds] + " looks like epoch milliseconds"
+    )
+    week = values.str.match(_WEEK_DATE).astype(bool)
+    reasons[week] = (
+        f"{field} is an ISO 8601 week date, which is not accepted; use a calendar date "
+        "(YYYY-MM-DD): " + excerpt[week]
+    )
+    ordinal = values.str.match(_ORDINAL_DATE).astype(bool)
+    reasons[ordinal] = (
+        f"{field} is an ISO 8601 ordinal date, which is not accepted; use a calendar date "
+        "(YYYY-MM-DD): " + excerpt[ordinal]
+    )
+    return reasons
+
+
+def identifiers(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Return an ID column as stripped strings in Unicode NFKC form.
+
+    NFKC turns full-width letters and digits (Ｍ００１２３) into ASCII (M00123), as
+    Japanese input methods and shop systems mix both widths, so one member or product
+    keeps one ID across sources. Leading zeros stay.
+    """
+    return text(frame, column).map(lambda value: unicodedata.normalize("NFKC", value).strip())
 
 
 def parse_integers(values: pd.Series, field: str) -> tuple[pd.Series, pd.Series]:

@@ -10,6 +10,7 @@ from livecrm_dagster.defs.ingestion.contract import (
     EVENT_TYPES,
     RowChecker,
     empty_quarantine,
+    identifiers,
     parse_booleans,
     parse_instants,
     quarantine_frame,
@@ -30,6 +31,8 @@ EVENT_COLUMNS = [
     "coupon_code",
     "text",
 ]
+# IDs that join viewer events to members and products; see `contract.identifiers`.
+_ID_COLUMNS = ("member_id", "product_id")
 # Fields a type needs before its event means anything.
 _REQUIRED_BY_TYPE = {
     "product_click": ("product_id",),
@@ -93,6 +96,8 @@ def validate_viewer_events(
     )
 
     events = pd.DataFrame({column: text(rows, column) for column in EVENT_COLUMNS})
+    for column in _ID_COLUMNS:
+        events[column] = identifiers(rows, column)
     events["occurred_at"] = occurred_at
     events["is_correct"] = is_correct
     events[FILE] = text(rows, FILE)

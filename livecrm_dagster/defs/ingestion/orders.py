@@ -10,6 +10,7 @@ from livecrm_dagster.defs.ingestion.contract import (
     ORDER_STATUSES,
     STATUS_RANK,
     RowChecker,
+    identifiers,
     parse_instants,
     parse_integers,
     quarantine_frame,
@@ -32,6 +33,10 @@ ORDER_LINE_COLUMNS = [
 # The fields that must agree when one order line arrives in several exports; the
 # status and paid_at may move on between exports.
 _LINE_PAYLOAD = ["member_id", "product_id", "quantity", "unit_price", "refund_of"]
+# The largest quantity and the largest quantity × unit_price of one line. A line beyond
+# it is a data error (10^15 yen is far beyond any shop's revenue), and the cap keeps sums
+# of line amounts within int64.
+MAX_LINE_AMOUNT = 10**15
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,28 @@ def validate_orders(rows: pd.DataFrame, zone: str | None = None) -> OrderBatch:
     unit_price, reasons = parse_integers(text(rows, "unit_price"), "unit_price")
     checker.flag(reasons.notna(), "unit_price", reasons)
     checker.flag(unit_price < 0, "unit_price", "unit_price is negative")
+    checker.flag(
+        quantity > MAX_LINE_AMOUNT,
+        "quantity",
+        f"quantity is above the maximum of {MAX_LINE_AMOUNT:,}",
+    )
+    # Python integers, so the product itself cannot overflow.
+    amount = pd.Series(
+        [
+            int(count) * int(price) if pd.notna(count) and pd.notna(price) else 0
+            for count, price in zip(quantity, unit_price, strict=True)
+        ],
+        index=rows.index,
+        dtype=object,
+    )
+    checker.flag(
+        amount > MAX_LINE_AMOUNT,
+        "unit_price",
+        f"quantity × unit_price is above the maximum line amount of {MAX_LINE_AMOUNT:,}",
+    )
     line_no, reasons = parse_integers(text(rows, "line_no"), "line_no")
     checker.flag(reasons.notna() | (line_no < 1), "line_no", "line_no is not a positive number")
-    refund_of = text(rows, "refund_of")
+    refund_of = identifiers(rows, "refund_of")
     checker.flag(
         (refund_of != "") & (status != "refunded"),
         "refund_of",
@@ -79,13 +103,13 @@ def validate_orders(rows: pd.DataFrame, zone: str | None = None) -> OrderBatch:
 
     lines = pd.DataFrame(
         {
-            "order_id": text(rows, "order_id"),
+            "order_id": identifiers(rows, "order_id"),
             "line_no": line_no,
-            "member_id": text(rows, "member_id"),
+            "member_id": identifiers(rows, "member_id"),
             "ordered_at": ordered_at,
             "paid_at": paid_at,
             "status": status,
-            "product_id": text(rows, "product_id"),
+            "product_id": identifiers(rows, "product_id"),
             "quantity": quantity,
             "unit_price": unit_price,
             "refund_of": refund_of,

@@ -6,6 +6,7 @@ import pandas as pd
 
 from livecrm_dagster.defs.ingestion.contract import (
     RowChecker,
+    identifiers,
     invalid_broadcast_id_reason,
     parse_booleans,
     parse_instants,
@@ -73,6 +74,7 @@ def validate_broadcasts(
     checker.flag(reasons.notna(), "ad_spend", reasons)
 
     schedule = pd.DataFrame({column: text(rows, column) for column in BROADCAST_COLUMNS})
+    schedule["featured_product_ids"] = identifiers(rows, "featured_product_ids")
     schedule["starts_at"] = starts_at
     schedule["ends_at"] = ends_at
     schedule["next_broadcast_at"] = next_at
@@ -92,16 +94,22 @@ def validate_members(rows: pd.DataFrame, zone: str | None = None):
     rows = rows.reset_index(drop=True)
     checker = RowChecker(rows, "members", "member_id")
     checker.require("member_id")
+    member_id = identifiers(rows, "member_id")
     checker.flag(
-        text(rows, "member_id").duplicated(keep="first") & (text(rows, "member_id") != ""),
+        member_id.duplicated(keep="first") & (member_id != ""),
         "member_id",
         "member_id is listed twice",
     )
     members = pd.DataFrame({column: text(rows, column) for column in MEMBER_COLUMNS})
+    members["member_id"] = member_id
     age, reasons = parse_integers(text(rows, "age"), "age")
     checker.flag(reasons.notna() | (age < 0) | (age > 130), "age", "age is not between 0 and 130")
     members["age"] = age
-    birth = pd.to_datetime(text(rows, "birth_date").replace("", None), errors="coerce")
+    # An exact format, because free inference reads 06/10/1990 month first and fails on
+    # a mix of dates with and without an offset.
+    birth = pd.to_datetime(
+        text(rows, "birth_date").replace("", None), format="%Y-%m-%d", errors="coerce"
+    )
     checker.flag(
         (text(rows, "birth_date") != "") & birth.isna(),
         "birth_date",
@@ -124,12 +132,15 @@ def validate_products(rows: pd.DataFrame):
     rows = rows.reset_index(drop=True)
     checker = RowChecker(rows, "products", "product_id")
     checker.require("product_id")
+    product_id = identifiers(rows, "product_id")
     checker.flag(
-        text(rows, "product_id").duplicated(keep="first") & (text(rows, "product_id") != ""),
+        product_id.duplicated(keep="first") & (product_id != ""),
         "product_id",
         "product_id is listed twice",
     )
     products = pd.DataFrame({column: text(rows, column) for column in PRODUCT_COLUMNS})
+    products["product_id"] = product_id
+    products["trial_product_id"] = identifiers(rows, "trial_product_id")
     for column in ("stock", "low_stock_threshold"):
         numbers, reasons = parse_integers(text(rows, column), column)
         checker.flag(reasons.notna(), column, reasons)
