@@ -1,6 +1,7 @@
 """A failed upstream asset check for a broadcast stops that broadcast's steps only."""
 
 import dagster as dg
+import pandas as pd
 
 from livecrm_dagster.defs.followups.assets import followup_send_job, followup_sends
 from livecrm_dagster.defs.partitions import broadcast_partitions
@@ -75,3 +76,56 @@ def test_failed_check_blocks_only_its_broadcast(tmp_path):
     assert rows.at["b035", "reason"] == "blocked_by_failed_check"
     assert rows.at["b037", "status"] == "sent"
     assert harness.outbox_members("b035", "mid_archive") == []
+
+
+def test_stored_failed_check_blocks_steps(tmp_path):
+    harness = Harness(tmp_path)
+    harness.scenarios_path = scenarios_file(tmp_path)
+    broadcasts = ["b040", "b041"]
+    load(
+        harness.store,
+        broadcasts=[broadcast(b, "2024-06-10 17:00", "2024-06-10 18:00") for b in broadcasts],
+        members=[member("m061")],
+        followup_audience=[audience_row(b, "mid", "m061") for b in broadcasts],
+    )
+    harness.instance.add_dynamic_partitions("broadcast", broadcasts)
+    # The analytics assets store each check's latest outcome; b040's events were mostly bad.
+    for broadcast_id, passed in (("b040", False), ("b041", True)):
+        harness.store.replace_rows(
+            "quality_checks",
+            {"broadcast_id": broadcast_id, "asset": "raw_viewer_events"},
+            pd.DataFrame(
+                [
+                    {
+                        "check_name": "quarantine_share_below_threshold",
+                        "passed": passed,
+                        "description": "stored by the raw_viewer_events asset",
+                    }
+                ]
+            ),
+        )
+    definitions = dg.Definitions(
+        assets=[followup_sends], jobs=[followup_send_job], resources=harness.resources()
+    )
+    job = definitions.resolve_job_def("followup_send_job")
+
+    results = {}
+    for day, broadcast_id in enumerate(broadcasts, start=11):
+        outcome = job.execute_in_process(
+            partition_key=dg.MultiPartitionKey({"broadcast": broadcast_id, "step": "mid_archive"}),
+            run_config={
+                "ops": {
+                    "followup_sends": {"config": {"now": tokyo(f"2024-06-{day} 18:00").isoformat()}}
+                }
+            },
+            instance=harness.instance,
+        )
+        (materialization,) = outcome.asset_materializations_for_node("followup_sends")
+        results[broadcast_id] = {k: v.value for k, v in materialization.metadata.items()}
+
+    assert results["b040"]["skipped_by_reason"] == {"blocked_by_failed_check": 1}
+    assert results["b040"]["failed_checks"] == [
+        "raw_viewer_events:quarantine_share_below_threshold"
+    ]
+    assert results["b041"]["sent"] == 1
+    assert harness.outbox_members("b040", "mid_archive") == []

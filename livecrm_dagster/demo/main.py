@@ -1,9 +1,11 @@
-"""`livecrm-demo`: build the demo inputs and run the main job on them, then print reports.
+"""`livecrm-demo`: build the demo inputs, run the main job, print reports, replay follow-ups.
 
 The orders are the real UCI online-retail log bundled in data/uci-online-retail; the
 viewing side is simulated (see docs/demo-data.md). Everything runs in this process on
 the embedded default: a SQLite warehouse and the local Dagster instance of dagster.yaml,
-so `dagster dev` afterwards shows the same runs and materializations.
+so `dagster dev` afterwards shows the same runs and materializations. The follow-up
+steps then run on a simulated clock through the same sensor and asset as in production,
+writing the file outbox; the send ledger keeps a second run from sending anything again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 
+from livecrm_dagster.definitions import defs
+from livecrm_dagster.defs.followups.replay import replay_followups
 from livecrm_dagster.defs.reporting.summary import report_line
 from livecrm_dagster.demo.build import build_demo_source
 from livecrm_dagster.pipeline import pipeline_resources, run_main_job
@@ -35,6 +40,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="folder the demo inputs are written to",
     )
     parser.add_argument(
+        "--outbox-dir",
+        default=str(PROJECT_ROOT / ".livecrm" / "demo" / "outbox"),
+        help="folder the follow-up outbox files are written to",
+    )
+    parser.add_argument(
         "--warehouse-url",
         default=os.environ.get("LIVECRM_WAREHOUSE_URL", "sqlite:///.livecrm/warehouse.db"),
         help="SQLAlchemy URL of the warehouse (default: $LIVECRM_WAREHOUSE_URL or SQLite)",
@@ -47,6 +57,38 @@ def _instance() -> dg.DagsterInstance:
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     return dg.DagsterInstance.from_config(str(PROJECT_ROOT))
+
+
+def _print_reports(kpis, resources, settings) -> None:
+    schedule = resources["warehouse"].get().read("broadcasts").set_index("broadcast_id")
+    print(f"\nKPI report per broadcast ({settings.shop_name}, {settings.currency}):")
+    for row in kpis.to_dict("records"):
+        starts = schedule.loc[row["broadcast_id"], "starts_at"].tz_convert(settings.zone)
+        print(
+            f"- {row['broadcast_id']} ({starts:%Y-%m-%d %H:%M %Z}): "
+            f"{report_line(row, settings.currency)}"
+        )
+
+
+def _print_followups(sends: pd.DataFrame, outbox_dir: str) -> None:
+    """Print per step, over all broadcasts, how many were sent, held out and skipped why."""
+    print("\nFollow-up steps replayed on a simulated clock (all broadcasts):")
+    if sends.empty:
+        print("- no step fell due")
+        return
+    reasons = [column for column in sends.columns if column.startswith("skipped_")]
+    totals = sends.groupby("step_id", sort=False)[["sent", "failed", "holdout", *reasons]].sum()
+    for step_id, row in totals.iterrows():
+        skipped = ", ".join(
+            f"{int(row[column])} {column.removeprefix('skipped_')}"
+            for column in reasons
+            if row[column]
+        )
+        print(
+            f"- {step_id}: sent {int(row['sent'])}, failed {int(row['failed'])}, "
+            f"holdout {int(row['holdout'])}, skipped {skipped or 'none'}"
+        )
+    print(f"outbox files: {outbox_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,23 +105,23 @@ def main(argv: list[str] | None = None) -> None:
         f"members, {counts['products']:,} products ({time.monotonic() - started:.0f} s)"
     )
 
+    # The follow-up replay loads the code location's resources, which read these.
+    os.environ["LIVECRM_WAREHOUSE_URL"] = arguments.warehouse_url
+    os.environ["LIVECRM_SETTINGS"] = str(DEMO_SETTINGS)
+    os.environ["LIVECRM_SOURCE_DIR"] = arguments.source_dir
+    os.environ["LIVECRM_OUTBOX_DIR"] = arguments.outbox_dir
     resources = pipeline_resources(
         arguments.warehouse_url, arguments.source_dir, str(DEMO_SETTINGS)
     )
     with _instance() as instance:
         kpis = run_main_job(instance, resources)
-    schedule = resources["warehouse"].get().read("broadcasts").set_index("broadcast_id")
-    print(f"\nKPI report per broadcast ({settings.shop_name}, {settings.currency}):")
-    for row in kpis.to_dict("records"):
-        starts = schedule.loc[row["broadcast_id"], "starts_at"].tz_convert(settings.zone)
-        print(
-            f"- {row['broadcast_id']} ({starts:%Y-%m-%d %H:%M %Z}): "
-            f"{report_line(row, settings.currency)}"
-        )
-    print(
-        f"\nmain job finished in {time.monotonic() - started:.0f} s; "
-        "open the UI with `dagster dev` (see README)"
-    )
+        _print_reports(kpis, resources, settings)
+        print(f"main job finished in {time.monotonic() - started:.0f} s")
+        replay_started = time.monotonic()
+        sends = replay_followups(instance, defs, kpis["broadcast_id"].tolist())
+    _print_followups(sends, arguments.outbox_dir)
+    print(f"follow-up replay finished in {time.monotonic() - replay_started:.0f} s")
+    print("open the UI with `dagster dev` (see README)")
 
 
 if __name__ == "__main__":

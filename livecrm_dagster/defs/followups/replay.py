@@ -70,7 +70,10 @@ def replay_followups(
                 continue
             result = job.execute_in_process(
                 run_config={
-                    "ops": {ASSET_NAME: {"config": {"now": now.isoformat(), "dry_run": dry_run}}}
+                    "ops": {ASSET_NAME: {"config": {"now": now.isoformat(), "dry_run": dry_run}}},
+                    # Step events stay in the instance's event log; the console shows
+                    # warnings only.
+                    "loggers": {"console": {"config": {"log_level": "WARNING"}}},
                 },
                 partition_key=request.partition_key,
                 instance=instance,
