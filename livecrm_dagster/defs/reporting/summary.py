@@ -7,6 +7,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
+from livecrm_dagster.defs.sessions.sessionize import VIEWING_TYPES
+
 SUMMARY_COLUMNS = [
     "member_id",
     "age_band",
@@ -72,14 +74,24 @@ def viewer_summary(
     summary = watched.copy()
     if summary.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    mine = events.loc[events["member_id"].isin(summary.index)]
-    by_member = mine.groupby("member_id")
-    summary["first_seen_at"] = by_member["occurred_at"].min()
-    summary["last_seen_at"] = by_member["occurred_at"].max()
+    # Position of each event's member in the summary (-1 for others), so the per-member
+    # figures below group integer codes instead of member ID strings.
+    member_codes = summary.index.get_indexer(events["member_id"])
+    mine = member_codes >= 0
+    by_member = events["occurred_at"][mine].groupby(member_codes[mine])
+    positions = pd.RangeIndex(len(summary))
+    summary["first_seen_at"] = pd.Series(by_member.min().reindex(positions).array, summary.index)
+    summary["last_seen_at"] = pd.Series(by_member.max().reindex(positions).array, summary.index)
+    # Viewing events are nearly all of the rows; the other types are counted from the rest.
+    engaged = mine & ~events["type"].isin(VIEWING_TYPES).to_numpy()
+    rare = events.loc[engaged]
+    rare_codes = member_codes[engaged]
+    rare_types = rare["type"].to_numpy()
     for column, event_type in (("chats", "chat"), ("likes", "like"), ("clicks", "product_click")):
-        summary[column] = _count(mine, event_type, summary.index)
-    summary["clicked_product_ids"] = _joined(mine.loc[mine["type"] == "product_click"], summary)
-    answers = mine.loc[mine["type"] == "answer"]
+        counts = np.bincount(rare_codes[rare_types == event_type], minlength=len(summary))
+        summary[column] = counts.astype("int64")
+    summary["clicked_product_ids"] = _joined(rare.loc[rare["type"] == "product_click"], summary)
+    answers = rare.loc[rare["type"] == "answer"]
     summary["answers"] = _joined(
         answers.assign(product_id=answers["question_id"] + "=" + answers["answer"]), summary
     )
@@ -89,7 +101,7 @@ def viewer_summary(
         .size()
         .reindex(summary.index, fill_value=0)
     )
-    summary["coupon_claimed"] = _count(mine, "coupon_claim", summary.index) > 0
+    summary["coupon_claimed"] = _count(rare, "coupon_claim", summary.index) > 0
     summary = summary.join(_purchases(attribution), how="left")
     summary["bought_during_live"] = summary["amount"].fillna(0) > 0
     for column in ("amount", "items", "post_live_amount"):

@@ -50,46 +50,101 @@ def viewing_sessions(
 def _device_sessions(
     viewing: pd.DataFrame, timeout_seconds: float, starts_at: pd.Timestamp, ends_at: pd.Timestamp
 ) -> pd.DataFrame:
-    viewing = viewing.sort_values(["member_id", "device_id", "occurred_at"], kind="stable")
-    same_device = (viewing["member_id"] == viewing["member_id"].shift()) & (
-        viewing["device_id"] == viewing["device_id"].shift()
-    )
-    gap = (viewing["occurred_at"] - viewing["occurred_at"].shift()).dt.total_seconds()
-    closed_before = (viewing["type"].shift() == "view_end") & (viewing["device_id"].shift() != "")
-    starts_new = ~same_device | (gap > timeout_seconds) | closed_before
-    inside = (viewing["occurred_at"] >= starts_at) & (viewing["occurred_at"] <= ends_at)
-    return (
-        viewing.assign(device_session=starts_new.cumsum(), inside=inside)
-        .groupby("device_session")
-        .agg(
-            member_id=("member_id", "first"),
-            device_id=("device_id", "first"),
-            started_at=("occurred_at", "min"),
-            ended_at=("occurred_at", "max"),
-            events=("occurred_at", "size"),
-            events_inside=("inside", "sum"),
+    # Work on integer codes and numpy arrays: sorting and grouping object strings is what
+    # made this step slow. `factorize(sort=True)` numbers members and devices in string
+    # order, so sorting by the codes gives the same order as sorting by the strings.
+    member_codes, member_ids = pd.factorize(viewing["member_id"], sort=True)
+    device_codes, device_ids = pd.factorize(viewing["device_id"], sort=True)
+    pairs = member_codes.astype(np.int64) * len(device_ids) + device_codes
+    pair_codes, _ = pd.factorize(pairs, sort=True)
+    occurred = viewing["occurred_at"]
+    instants = _utc_instants(occurred)
+    ticks = instants.view(np.int64)
+    # One stable sort by (member, device, time): ties keep their input order, as before.
+    order = np.lexsort((ticks, pair_codes))
+    pair_codes = pair_codes[order]
+    instants = instants[order]
+    is_view_end = (viewing["type"].to_numpy() == "view_end")[order]
+    device_known = (device_ids.to_numpy() != "")[device_codes[order]]
+    same_device = np.empty(len(order), dtype=bool)
+    same_device[0] = False
+    same_device[1:] = pair_codes[1:] == pair_codes[:-1]
+    gap_seconds = np.zeros(len(order))
+    gap_seconds[1:] = (instants[1:] - instants[:-1]) / np.timedelta64(1, "s")
+    closed_before = np.zeros(len(order), dtype=bool)
+    closed_before[1:] = is_view_end[:-1] & device_known[:-1]
+    starts_new = ~same_device | (gap_seconds > timeout_seconds) | closed_before
+    inside = (instants >= _utc_instant(starts_at)) & (instants <= _utc_instant(ends_at))
+
+    # Rows are in time order within each device session, so its first row has the
+    # start and its last row the end.
+    first = np.flatnonzero(starts_new)
+    last = np.append(first[1:], len(order)) - 1
+    inside_counts = np.add.reduceat(inside.astype(np.int64), first) if len(first) else first
+    return pd.DataFrame(
+        {
+            "member_code": member_codes[order][first],
+            "device_code": device_codes[order][first],
+            "started_at": _as_dtype(instants[first], occurred.dtype),
+            "ended_at": _as_dtype(instants[last], occurred.dtype),
+            "events": last - first + 1,
+            "events_inside": inside_counts,
+        }
+    ).assign(
+        member_id=lambda frame: pd.Series(
+            member_ids.to_numpy()[frame["member_code"].to_numpy()],
+            index=frame.index,
+            dtype=viewing["member_id"].dtype,
         )
     )
+
+
+def _utc_instants(times: pd.Series) -> np.ndarray:
+    """Return naive datetime64 values in UTC (the column's own unit), for numpy arithmetic."""
+    unit = times.dt.unit
+    return times.to_numpy(dtype=f"datetime64[{unit}]")
+
+
+def _utc_instant(instant: pd.Timestamp) -> np.datetime64:
+    if instant.tzinfo is not None:
+        instant = instant.tz_convert("UTC").tz_localize(None)
+    return instant.to_datetime64()
+
+
+def _as_dtype(values: np.ndarray, dtype) -> pd.Series:
+    """Turn naive UTC datetime64 values back into the column's dtype, zone included."""
+    series = pd.Series(values)
+    if getattr(dtype, "tz", None) is not None:
+        series = series.dt.tz_localize("UTC")
+    return series.astype(dtype)
 
 
 def _merge_devices(
     sessions: pd.DataFrame, starts_at: pd.Timestamp, ends_at: pd.Timestamp
 ) -> pd.DataFrame:
-    sessions = sessions.sort_values(["member_id", "started_at"], kind="stable")
-    latest_end = sessions.groupby("member_id")["ended_at"].cummax()
-    previous_end = latest_end.groupby(sessions["member_id"]).shift()
-    new_member = sessions["member_id"] != sessions["member_id"].shift()
-    starts_new = new_member | (sessions["started_at"] > previous_end)
+    # Rows arrive in (member, device, time) order; a stable sort by (member, start)
+    # matches the previous string-keyed sort because member codes follow string order.
+    sessions = sessions.sort_values(["member_code", "started_at"], kind="stable")
+    member_codes = sessions["member_code"].to_numpy()
+    ended = sessions["ended_at"].to_numpy()
+    started = sessions["started_at"].to_numpy()
+    latest_end = pd.Series(ended).groupby(member_codes).cummax().to_numpy()
+    new_member = np.ones(len(sessions), dtype=bool)
+    new_member[1:] = member_codes[1:] != member_codes[:-1]
+    after_previous = np.zeros(len(sessions), dtype=bool)
+    after_previous[1:] = started[1:] > latest_end[:-1]
+    merged_codes = np.cumsum(new_member | after_previous)
     merged = (
-        sessions.assign(merged=starts_new.cumsum())
-        .groupby("merged")
+        sessions.assign(merged=merged_codes)
+        .groupby("merged", sort=True)
         .agg(
             member_id=("member_id", "first"),
+            member_code=("member_code", "first"),
             started_at=("started_at", "min"),
             ended_at=("ended_at", "max"),
             events=("events", "sum"),
             events_inside=("events_inside", "sum"),
-            devices=("device_id", "nunique"),
+            devices=("device_code", "nunique"),
         )
         .reset_index(drop=True)
     )
@@ -97,9 +152,10 @@ def _merge_devices(
     clipped_end = merged["ended_at"].clip(upper=ends_at)
     watched = (clipped_end - clipped_start).dt.total_seconds()
     merged["watched_seconds"] = np.maximum(watched.to_numpy(), 0.0)
-    merged["session_no"] = merged.groupby("member_id").cumcount() + 1
+    merged["session_no"] = merged.groupby("member_code").cumcount() + 1
     merged["events"] = merged["events"].astype("int64")
     merged["events_inside"] = merged["events_inside"].astype("int64")
+    merged["devices"] = merged["devices"].astype("int64")
     return merged[SESSION_COLUMNS]
 
 

@@ -1,0 +1,189 @@
+"""Benchmark one broadcast partition at several event counts; see bench/RESULTS.md.
+
+Each scale runs these child processes in turn (stages.py): generate the Parquet inputs,
+load and validate them with the project's code (up to --ingest-max events), build
+sessions, attribution, viewer summary and segments and check sessions and the viewer
+summary against an independent DuckDB implementation, then write the derived tables to
+SQLite and to a PostgreSQL database created for the run and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DERIVED = ("viewing_sessions", "viewer_summary", "order_attribution", "followup_audience")
+
+
+def _child(*arguments: str) -> dict:
+    command = [sys.executable, str(HERE / "stages.py"), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=HERE, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"stage {arguments[0]} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _postgres_database(server: str) -> tuple[str, str]:
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return name, f"{server.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+
+
+def _drop_postgres_database(server: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_scale(events: int, folder: Path, args: argparse.Namespace, postgres_url: str) -> dict:
+    folder.mkdir(parents=True)
+    stages: dict[str, dict] = {}
+    generated = _child("generate", str(folder), str(events))
+    stages.update(generated["stages"])
+    result = {"events": generated["counts"]["events"], "counts": generated["counts"]}
+    if events <= args.ingest_max:
+        ingested = _child("ingest", str(folder), str(events))
+        stages.update(ingested["stages"])
+        result["quarantined"] = ingested["quarantined"]
+        result["duplicates_dropped"] = ingested["duplicates_dropped"]
+    else:
+        _child("prepare", str(folder), str(events))
+    transformed = _child("transform", str(folder), str(events), str(args.duckdb_threads))
+    stages.update(transformed["stages"])
+    result["checked"] = transformed["checked"]
+    result["heartbeat_events"] = transformed["heartbeat_events"]
+    sqlite_url = f"sqlite:///{folder / 'warehouse.sqlite'}"
+    stages.update(_child("write", str(folder), "0", sqlite_url, "sqlite")["stages"])
+    if postgres_url:
+        stages.update(_child("write", str(folder), "0", postgres_url, "postgresql")["stages"])
+    result["stages"] = stages
+    shutil.rmtree(folder)
+    return result
+
+
+def _row(name: str, stage: dict) -> str:
+    rate = ""
+    if stage.get("rows") and name.split(":")[0] in ("sqlite", "postgresql"):
+        rate = f"{stage['rows'] / stage['seconds']:>12,.0f}"
+    rows = f"{stage['rows']:>11,}" if "rows" in stage else " " * 11
+    return (
+        f"  {name:<38} {stage['seconds']:>8.2f} s {rows} {rate:>12} "
+        f"{stage['peak_rss_mib']:>8.0f} MiB"
+    )
+
+
+def report(result: dict) -> None:
+    stages = result["stages"]
+    ours = sum(
+        stages[name]["seconds"] for name in ("sessions", "watched_by_member", "viewer_summary")
+    )
+    duck = stages["duckdb_sessions_and_summary"]["seconds"]
+    peak = max(
+        stages[name]["peak_rss_mib"] for name in ("sessions", "watched_by_member", "viewer_summary")
+    )
+    print(
+        f"\n{result['events']:,} events ({result['heartbeat_events']:,} heartbeats, "
+        f"{result['counts']['members']:,} members, {result['checked']['sessions']:,} sessions, "
+        f"{result['checked']['viewing_members']:,} viewing members)"
+    )
+    print("  DuckDB check: sessions and per-member watched seconds identical")
+    print(f"  {'stage':<38} {'time':>10} {'rows':>11} {'rows/s':>12} {'peak RSS':>12}")
+    for name, stage in stages.items():
+        print(_row(name, stage))
+    for label in ("sqlite", "postgresql"):
+        written = [stage for name, stage in stages.items() if name.startswith(label + ":")]
+        if written:
+            rows = sum(stage["rows"] for stage in written)
+            seconds = sum(stage["seconds"] for stage in written)
+            rate = rows / seconds
+            print(f"  {label} derived tables: {rows:,} rows in {seconds:.2f} s, {rate:,.0f} rows/s")
+    print(
+        f"  sessions + viewer summary: ours {ours:.2f} s, DuckDB {duck:.2f} s, "
+        f"ours / DuckDB = {ours / duck:.2f}; peak RSS {peak:,.0f} MiB"
+    )
+
+
+def growth(results: list[dict]) -> None:
+    print("\ngrowth of time between scales (events ratio, time ratio per stage)")
+    for smaller, larger in zip(results, results[1:], strict=False):
+        events_ratio = larger["events"] / smaller["events"]
+        print(f"  {smaller['events']:,} -> {larger['events']:,} events ({events_ratio:.2f}x):")
+        for name, stage in larger["stages"].items():
+            before = smaller["stages"].get(name)
+            if before and before["seconds"] > 0:
+                ratio = stage["seconds"] / before["seconds"]
+                limit = 1.1 * events_ratio
+                verdict = "ok" if ratio <= limit else f"above {limit:.1f}x"
+                print(f"    {name:<38} {ratio:>6.2f}x  {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--events",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 4_000_000, 16_000_000],
+        help="event counts of the generated broadcast, one run each",
+    )
+    parser.add_argument("--quick", action="store_true", help="run one scale of about 1 M events")
+    parser.add_argument(
+        "--ingest-max",
+        type=int,
+        default=4_000_000,
+        help="largest event count loaded and validated with the project's code "
+        "(it needs about 1.6 GiB and 25 s per million events on 2 cores)",
+    )
+    parser.add_argument(
+        "--duckdb-threads",
+        type=int,
+        default=0,
+        help="DuckDB threads; 0 keeps DuckDB's default (one per core)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://root@127.0.0.1:5432",
+        help="PostgreSQL server to create a scratch database on; empty to skip",
+    )
+    parser.add_argument(
+        "--workdir", default=tempfile.gettempdir(), help="folder for generated files"
+    )
+    args = parser.parse_args()
+    scales = [1_000_000] if args.quick else args.events
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    root = Path(tempfile.mkdtemp(prefix="livecrm-bench-", dir=args.workdir))
+    database, postgres_url = ("", "")
+    if args.postgres:
+        database, postgres_url = _postgres_database(args.postgres)
+    results = []
+    try:
+        for events in scales:
+            result = run_scale(events, root / f"events-{events}", args, postgres_url)
+            report(result)
+            results.append(result)
+        growth(results)
+    finally:
+        if database:
+            _drop_postgres_database(args.postgres, database)
+        shutil.rmtree(root, ignore_errors=True)
+    (HERE / ".last-run.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
