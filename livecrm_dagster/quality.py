@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 import pandas as pd
 
+from livecrm_dagster.defs.partitions import broadcast_partitions
 from livecrm_dagster.warehouse import Warehouse
 
 
@@ -23,7 +24,12 @@ class CheckOutcome:
 
 
 def check_spec(asset: str, name: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name=name, asset=asset, description=description)
+    """Describe a check evaluated per broadcast, so each partition shows its own result."""
+    # Partitioned checks are a preview feature in Dagster 1.13 and log a warning; without
+    # a partitions definition the results are stored without their broadcast.
+    return dg.AssetCheckSpec(
+        name=name, asset=asset, description=description, partitions_def=broadcast_partitions
+    )
 
 
 def record_checks(

@@ -103,7 +103,7 @@ class Warehouse:
     def replace_table(self, name: str, frame: pd.DataFrame) -> int:
         return self.replace_rows(name, {}, frame)
 
-    def read(self, name: str, **equals: object) -> pd.DataFrame:
+    def read(self, name: str, columns: list[str] | None = None, **equals: object) -> pd.DataFrame:
         """Read a table's rows whose columns equal the given values (or are in a list)."""
         table = self.table(name)
         conditions = [
@@ -112,18 +112,27 @@ class Warehouse:
             else table.c[column] == value
             for column, value in equals.items()
         ]
-        return self.query(name, *conditions)
+        return self.query(name, *conditions, columns=columns)
 
-    def query(self, name: str, *conditions: sa.ColumnElement[bool]) -> pd.DataFrame:
-        """Read a table's rows matching SQLAlchemy conditions, with typed columns."""
+    def query(
+        self, name: str, *conditions: sa.ColumnElement[bool], columns: list[str] | None = None
+    ) -> pd.DataFrame:
+        """Read a table's rows matching SQLAlchemy conditions, with typed columns.
+
+        `columns` limits the read to those columns, which keeps a large partition's
+        memory down when a stage needs only a few of them.
+        """
         table = self.table(name)
+        selected = [table.c[column] for column in columns] if columns else list(table.columns)
         with self.engine.connect() as connection:
-            rows = connection.execute(sa.select(table).where(*conditions)).all()
-        frame = pd.DataFrame.from_records(rows, columns=[column.name for column in table.columns])
+            rows = connection.execute(sa.select(*selected).where(*conditions)).all()
+        frame = pd.DataFrame.from_records(rows, columns=[column.name for column in selected])
         return _typed(frame, name)
 
-    def read_partition(self, name: str, broadcast_id: str) -> pd.DataFrame:
-        return self.read(name, broadcast_id=broadcast_id)
+    def read_partition(
+        self, name: str, broadcast_id: str, columns: list[str] | None = None
+    ) -> pd.DataFrame:
+        return self.read(name, columns=columns, broadcast_id=broadcast_id)
 
     def _insert(self, connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         if frame.empty:
@@ -188,6 +197,8 @@ def _conform(frame: pd.DataFrame, name: str, where: Mapping[str, object]) -> pd.
 
 def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     for column, kind in column_kinds(name).items():
+        if column not in frame.columns:
+            continue
         if kind == TIME:
             frame[column] = pd.to_datetime(frame[column], utc=True)
         elif kind == INT:
@@ -202,34 +213,44 @@ def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def _copy_into(connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
-    """Bulk-load with PostgreSQL's COPY inside the caller's transaction."""
+    """Bulk-load with PostgreSQL's COPY (CSV format) inside the caller's transaction.
+
+    Each column is rendered to CSV text with vectorized pandas string operations, so the
+    rate is set by PostgreSQL rather than by a Python call per row. In CSV format an
+    unquoted empty field is NULL, and every text value is quoted, so an empty string
+    stays an empty string.
+    """
     kinds = column_kinds(table.name)
     columns = list(frame.columns)
-    values = [_python_values(frame[column], kinds[column]) for column in columns]
     quoted = ", ".join(f'"{column}"' for column in columns)
     cursor = connection.connection.driver_connection.cursor()
-    with cursor.copy(f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
-        for row in zip(*values, strict=True):
-            copy.write_row(row)
+    with cursor.copy(f'COPY "{table.name}" ({quoted}) FROM STDIN WITH (FORMAT csv)') as copy:
+        for start in range(0, len(frame), _COPY_CHUNK_ROWS):
+            chunk = frame.iloc[start : start + _COPY_CHUNK_ROWS]
+            fields = [_csv_field(chunk[column], kinds[column]) for column in columns]
+            lines = fields[0].str.cat(fields[1:], sep=",") if len(fields) > 1 else fields[0]
+            copy.write("\n".join(lines.tolist()) + "\n")
 
 
-def _python_values(series: pd.Series, kind: str) -> list:
-    """Turn a column into plain Python values with None for missing ones, as COPY takes them."""
-    missing = series.isna().to_numpy()
+# Rows rendered per COPY write, so a large partition is never held twice as text.
+_COPY_CHUNK_ROWS = 200_000
+
+
+def _csv_field(series: pd.Series, kind: str) -> pd.Series:
+    """Render one column as CSV fields: NULL as an empty field, text always quoted."""
+    missing = series.isna()
     if kind == TIME:
         naive = pd.api.types.is_datetime64_dtype(series) and series.dt.tz is None
         if naive and series.notna().any():
             raise ValueError(f"refusing to store times without a zone in {series.name!r}")
-        items = pd.to_datetime(series, utc=True).dt.to_pydatetime().tolist()
+        instants = pd.to_datetime(series, utc=True)
+        text = instants.dt.strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
     elif kind == INT:
-        items = [None if gone else int(value) for value, gone in zip(series, missing, strict=True)]
-        return items
+        text = series.astype("Int64").astype(str)
     elif kind == BOOL:
-        items = [None if gone else bool(value) for value, gone in zip(series, missing, strict=True)]
-        return items
+        text = series.astype("boolean").map({True: "t", False: "f"})
     elif kind == FLOAT:
-        items = series.astype("float64").tolist()
+        text = series.astype("float64").map(repr)
     else:
-        items = [None if gone else str(value) for value, gone in zip(series, missing, strict=True)]
-        return items
-    return [None if gone else value for value, gone in zip(items, missing, strict=True)]
+        text = '"' + series.astype(str).str.replace('"', '""', regex=False) + '"'
+    return text.astype(object).where(~missing, "").astype(str)

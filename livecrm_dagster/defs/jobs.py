@@ -2,15 +2,12 @@
 
 import dagster as dg
 
-from livecrm_dagster.defs.partitions import broadcast_partitions
-
 broadcast_analytics = dg.define_asset_job(
     name="broadcast_analytics",
     selection=dg.AssetSelection.groups(
         "ingestion", "sessions", "attribution", "reporting", "segments"
     )
     - dg.AssetSelection.assets("broadcasts", "members", "products", "shop_orders"),
-    partitions_def=broadcast_partitions,
     description="Rebuild one broadcast's tables, from raw events to the follow-up audience.",
 )
 

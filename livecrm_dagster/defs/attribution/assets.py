@@ -82,8 +82,12 @@ def order_attribution(
     sessions = store.read_partition("viewing_sessions", broadcast.broadcast_id)
     viewers = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at).index
     lines = store.read_partition("raw_orders", broadcast.broadcast_id)
-    events = store.read_partition("raw_viewer_events", broadcast.broadcast_id)
-    clicks = events.loc[events["type"] == "product_click"]
+    clicks = store.read(
+        "raw_viewer_events",
+        columns=["member_id", "product_id", "occurred_at"],
+        broadcast_id=broadcast.broadcast_id,
+        type="product_click",
+    )
     buyers = sorted(set(lines["member_id"]) & set(viewers))
 
     attribution = attribute_orders(

@@ -27,12 +27,17 @@ def followup_audience(
     broadcast = scheduled_broadcast(store, context.partition_key)
     summary = store.read_partition("viewer_summary", broadcast.broadcast_id)
     attribution = store.read_partition("order_attribution", broadcast.broadcast_id)
-    events = store.read_partition("raw_viewer_events", broadcast.broadcast_id)
+    answers = store.read(
+        "raw_viewer_events",
+        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
+        broadcast_id=broadcast.broadcast_id,
+        type="answer",
+    )
 
     audience = build_audience(
         summary,
         attribution,
-        events,
+        answers,
         hot_rate=tiers.hot_rate,
         mid_rate=tiers.mid_rate,
         hot_min_chats=tiers.hot_min_chats,

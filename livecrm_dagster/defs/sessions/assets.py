@@ -20,7 +20,11 @@ def viewing_sessions(
     timeout = shop_settings.get().sessions.timeout_seconds
     store = warehouse.get()
     broadcast = scheduled_broadcast(store, context.partition_key)
-    events = store.read_partition("raw_viewer_events", broadcast.broadcast_id)
+    events = store.read_partition(
+        "raw_viewer_events",
+        broadcast.broadcast_id,
+        columns=["member_id", "device_id", "type", "occurred_at"],
+    )
 
     sessions = sessionize(events, broadcast.starts_at, broadcast.ends_at, timeout)
     watched = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at)
