@@ -333,3 +333,34 @@ def test_same_offer_once_across_rebuilds(tmp_path):
     assert coupons == ["m014"]
     rows = harness.ledger_rows().set_index("step_id")
     assert rows.at["coupon_same_night", "reason"] == "duplicate_offer"
+
+
+def test_cap_ignores_competitor_that_skips_member(tmp_path):
+    """A higher-priority step that will skip the member does not take their daily slot."""
+    harness = Harness(tmp_path)
+    harness.scenarios_path = scenarios_file(tmp_path)
+    load(
+        harness.store,
+        broadcasts=[
+            broadcast("b050", "2024-06-10 17:00", "2024-06-10 18:00", featured_product_ids="P-2")
+        ],
+        members=[member("m070"), member("m071")],
+        products=product_rows(),
+        followup_audience=[
+            audience_row("b050", "mid", "m070"),
+            audience_row("b050", "mid", "m071"),
+            # m070's answer maps to no category, so survey_match (priority 55) skips m070;
+            # m071's answer matches, so survey_match sends to m071 and mid_reviews yields.
+            audience_row("b050", "survey", "m070", question_id="shopping_for", answer="none"),
+            audience_row("b050", "survey", "m071", question_id="shopping_for", answer="dry skin"),
+        ],
+    )
+    due = tokyo("2024-06-13 18:00")
+
+    reviews = harness.run("b050", "mid_reviews", due)
+    survey = harness.run("b050", "survey_match", due)
+
+    assert harness.outbox_members("b050", "mid_reviews") == ["m070"]
+    assert reviews["skipped_by_reason"] == {"frequency_cap": 1}
+    assert harness.outbox_members("b050", "survey_match") == ["m071"]
+    assert survey["skipped_by_reason"] == {"no_matching_answer": 1}

@@ -27,6 +27,7 @@ from livecrm_dagster.defs.followups.ledger import (
 )
 from livecrm_dagster.defs.followups.plan import shop_day, step_timing
 from livecrm_dagster.defs.followups.scenarios import FollowupSettings, Step
+from livecrm_dagster.quality import failed_checks as failed_quality_checks
 from livecrm_dagster.settings import ShopSettings
 from livecrm_dagster.warehouse import Warehouse
 
@@ -90,6 +91,42 @@ def run_step(
         result.deferred = "scenario_disabled"
         return result
 
+    inputs = step_inputs(warehouse, settings, shop, broadcast_id, step, now, failed_checks)
+    member_ids = _step_members(inputs)
+    result.audience = len(member_ids)
+    ledger = SendLedger(warehouse.engine)
+    blocker = rules.step_blocker(inputs)
+    if blocker in ("not_due", "quiet_hours"):
+        result.deferred = blocker
+        return result
+
+    with ledger.step_lock(broadcast_id, step_id):
+        # Read the ledger inside the lock, so a run that waited reads the other run's sends.
+        step_rows = ledger.step_rows(broadcast_id, step_id)
+        inputs.step_ledger = step_rows.loc[step_rows["channel"] == step.channel]
+        _add_cap_context(inputs, warehouse, ledger, settings, shop, broadcast_id, member_ids)
+        decisions = rules.decide(inputs)
+        if dry_run:
+            _count_dry_run(result, decisions)
+            return result
+        _apply(result, decisions, inputs, ledger, channel_factory, run_id)
+    return result
+
+
+def step_inputs(
+    warehouse: Warehouse,
+    settings: FollowupSettings,
+    shop: ShopSettings,
+    broadcast_id: str,
+    step: Step,
+    now: dt.datetime,
+    failed_checks: list[str] | None = None,
+) -> rules.StepInputs:
+    """Read what the rules need to decide one step of one broadcast at `now`.
+
+    The ledger-dependent fields (step ledger, offers taken, cap context) stay empty; the
+    caller fills them while it holds the step's lock.
+    """
     broadcasts = warehouse.read("broadcasts", broadcast_id=broadcast_id)
     if broadcasts.empty:
         raise ValueError(f"broadcast {broadcast_id!r} is not in the broadcasts table")
@@ -106,11 +143,9 @@ def run_step(
         ).fillna({"product_ids": ""})
         audience = pd.concat([audience, clicked], ignore_index=True)
     member_ids = sorted(set(audience.loc[audience["segment"].isin(step.segments), "member_id"]))
-    result.audience = len(member_ids)
-    ledger = SendLedger(warehouse.engine)
     channel_settings = settings.channels[step.channel]
 
-    inputs = rules.StepInputs(
+    return rules.StepInputs(
         step=step,
         settings=settings,
         zone=zone,
@@ -127,22 +162,11 @@ def run_step(
         address_column=_address_column(step.channel),
         failed_checks=list(failed_checks or []),
     )
-    blocker = rules.step_blocker(inputs)
-    if blocker in ("not_due", "quiet_hours"):
-        result.deferred = blocker
-        return result
 
-    with ledger.step_lock(broadcast_id, step_id):
-        # Read the ledger inside the lock, so a run that waited reads the other run's sends.
-        step_rows = ledger.step_rows(broadcast_id, step_id)
-        inputs.step_ledger = step_rows.loc[step_rows["channel"] == step.channel]
-        _add_cap_context(inputs, warehouse, ledger, settings, broadcast_id, member_ids)
-        decisions = rules.decide(inputs)
-        if dry_run:
-            _count_dry_run(result, decisions)
-            return result
-        _apply(result, decisions, inputs, ledger, channel_factory, run_id)
-    return result
+
+def _step_members(inputs: rules.StepInputs) -> list[str]:
+    audience = inputs.audience
+    return sorted(set(audience.loc[audience["segment"].isin(inputs.step.segments), "member_id"]))
 
 
 def _address_column(channel: str) -> str | None:
@@ -172,6 +196,7 @@ def _add_cap_context(
     warehouse: Warehouse,
     ledger: SendLedger,
     settings: FollowupSettings,
+    shop: ShopSettings,
     broadcast_id: str,
     member_ids: list[str],
 ) -> None:
@@ -185,7 +210,7 @@ def _add_cap_context(
         inputs.offer_taken = set(others.loc[others["offer_key"] == offer_key, "member_id"])
     today_rows = others.loc[others["cap_slot"].fillna("").str.startswith(today + "#")]
     inputs.sent_today = today_rows.groupby("member_id").size().to_dict()
-    inputs.outranked_by = _outranked_by(inputs, warehouse, ledger, settings, broadcast_id)
+    inputs.outranked_by = _outranked_by(inputs, warehouse, ledger, settings, shop, broadcast_id)
 
 
 def _outranked_by(
@@ -193,14 +218,17 @@ def _outranked_by(
     warehouse: Warehouse,
     ledger: SendLedger,
     settings: FollowupSettings,
+    shop: ShopSettings,
     broadcast_id: str,
 ) -> dict[str, tuple[str, bool]]:
-    """Map members to a higher-priority step that may also go out to them today.
+    """Map members to a higher-priority step that will also go out to them today.
 
     A competitor is an enabled step of a broadcast in the follow-up window. Its send time
     is on today's shop day and not after now, it outranks this step (higher priority, then
-    lower broadcast and step id), and it has not yet decided this member. Without this,
-    whichever of two runs due in the same tick came first would win the cap.
+    lower broadcast and step id), it has not yet decided this member, and its own rules
+    would send to the member (consent, content, buyers and so on). Without the first
+    conditions, whichever of two runs due in the same tick came first would win the cap.
+    Without the last, a member would lose this step to a competitor that then skips them.
     """
     step, now, zone = inputs.step, inputs.now, inputs.zone
     today = shop_day(now, zone)
@@ -251,13 +279,49 @@ def _outranked_by(
             (audiences["broadcast_id"] == other_broadcast)
             & audiences["segment"].isin(other.segments)
         ]
-        for member_id in sorted(set(in_segments["member_id"])):
-            if (other_broadcast, other.id, member_id) in decided_keys:
+        undecided = sorted(
+            member_id
+            for member_id in set(in_segments["member_id"])
+            if (other_broadcast, other.id, member_id) not in decided_keys
+        )
+        if not undecided:
+            continue
+        would_send = _would_send(
+            warehouse, ledger, settings, shop, other_broadcast, other, inputs.now, undecided
+        )
+        for member_id in undecided:
+            if member_id not in would_send:
                 continue
             label = f"{other_broadcast}/{other.id}"
             if member_id not in outranked or (same_offer and not outranked[member_id][1]):
                 outranked[member_id] = (label, same_offer)
     return outranked
+
+
+def _would_send(
+    warehouse: Warehouse,
+    ledger: SendLedger,
+    settings: FollowupSettings,
+    shop: ShopSettings,
+    broadcast_id: str,
+    step: Step,
+    now: dt.datetime,
+    member_ids: list[str],
+) -> set[str]:
+    """Return the members a competing step would send to now, before the frequency cap."""
+    inputs = step_inputs(
+        warehouse,
+        settings,
+        shop,
+        broadcast_id,
+        step,
+        now,
+        failed_quality_checks(warehouse, broadcast_id),
+    )
+    inputs.audience = inputs.audience.loc[inputs.audience["member_id"].isin(member_ids)]
+    step_rows = ledger.step_rows(broadcast_id, step.id)
+    inputs.step_ledger = step_rows.loc[step_rows["channel"] == step.channel]
+    return {d.member_id for d in rules.decide(inputs) if d.action == rules.SEND}
 
 
 def _count_dry_run(result: StepResult, decisions: list[rules.Decision]) -> None:
