@@ -229,4 +229,20 @@ SCHEMAS: dict[str, Schema] = {
         ],
         ("broadcast_id", "asset", "check_name"),
     ),
+    "followup_lift": (
+        [
+            ("broadcast_id", TEXT),
+            ("step_id", TEXT),
+            ("sent_members", INT),
+            ("sent_conversions", INT),
+            ("sent_conversion_rate", FLOAT),
+            ("holdout_members", INT),
+            ("holdout_conversions", INT),
+            ("holdout_conversion_rate", FLOAT),
+            ("lift_points", FLOAT),
+            ("window_days", FLOAT),
+            ("window_closes_at", TIME),
+        ],
+        ("broadcast_id", "step_id"),
+    ),
 }

@@ -17,6 +17,15 @@ def test_main_command_prints_reports(tmp_path, monkeypatch, capsys):
     # main() moves to the project folder; monkeypatch restores the working folder after.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    # main() points the code location's variables at the demo; registering them here
+    # lets monkeypatch restore them, so later tests do not run with the demo's settings.
+    for name in (
+        "LIVECRM_WAREHOUSE_URL",
+        "LIVECRM_SETTINGS",
+        "LIVECRM_SOURCE_DIR",
+        "LIVECRM_OUTBOX_DIR",
+    ):
+        monkeypatch.setenv(name, "")
     (tmp_path / "dagster_home").mkdir()
     warehouse = tmp_path / "warehouse.db"
 

@@ -120,6 +120,7 @@ def test_definitions_public_names():
         "broadcast_kpis",
         "broadcasts",
         "followup_audience",
+        "followup_lift",
         "followup_sends",
         "members",
         "order_attribution",

@@ -7,6 +7,7 @@ from livecrm_dagster.broadcasts import scheduled_broadcast
 from livecrm_dagster.defs.attribution.assets import order_attribution
 from livecrm_dagster.defs.ingestion.assets import members, raw_viewer_events
 from livecrm_dagster.defs.partitions import broadcast_partitions
+from livecrm_dagster.defs.reporting.plots import broadcast_charts, markdown_image
 from livecrm_dagster.defs.reporting.summary import (
     broadcast_kpis as compute_kpis,
 )
@@ -17,6 +18,7 @@ from livecrm_dagster.defs.reporting.summary import (
 from livecrm_dagster.defs.reporting.summary import (
     viewer_summary as summarize,
 )
+from livecrm_dagster.defs.segments.segment import followup_audience as build_audience
 from livecrm_dagster.defs.sessions.assets import viewing_sessions
 from livecrm_dagster.defs.sessions.sessionize import watched_by_member
 from livecrm_dagster.quality import CheckOutcome, check_spec, record_checks
@@ -156,7 +158,8 @@ def broadcast_kpis(
     shop_settings: ShopSettingsResource,
 ) -> dg.MaterializeResult:
     """The broadcast's KPI report: viewers, buyers, CVR, revenue, follow-up audience size."""
-    currency = shop_settings.get().currency
+    shop = shop_settings.get()
+    currency = shop.currency
     store = warehouse.get()
     broadcast = scheduled_broadcast(store, context.partition_key)
     summary = store.read_partition("viewer_summary", broadcast.broadcast_id)
@@ -178,6 +181,52 @@ def broadcast_kpis(
     checks = record_checks(
         store, broadcast.broadcast_id, "broadcast_kpis", [_revenue_check(kpis, attribution)]
     )
+
+    # The charts need each member's tier. This asset runs before `followup_audience`, so
+    # the tiers come from the same segment rules applied to this run's inputs rather
+    # than from that asset's table, which may still hold the previous build.
+    sessions = store.read_partition(
+        "viewing_sessions", broadcast.broadcast_id, columns=["member_id", "started_at", "ended_at"]
+    )
+    clicks = store.read(
+        "raw_viewer_events",
+        columns=["type", "occurred_at"],
+        broadcast_id=broadcast.broadcast_id,
+        type="product_click",
+    )
+    answers = store.read(
+        "raw_viewer_events",
+        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
+        broadcast_id=broadcast.broadcast_id,
+        type="answer",
+    )
+    audience = build_audience(
+        summary,
+        attribution,
+        answers,
+        hot_rate=shop.tiers.hot_rate,
+        mid_rate=shop.tiers.mid_rate,
+        hot_min_chats=shop.tiers.hot_min_chats,
+        coupon_rate=shop.tiers.coupon_rate,
+    )
+    timeline, histogram, peak = broadcast_charts(
+        sessions,
+        clicks,
+        attribution,
+        summary,
+        audience,
+        broadcast.starts_at,
+        broadcast.ends_at,
+        shop.zone,
+    )
+    charts = "\n\n".join(
+        [
+            "**Members watching**, with product clicks and purchases during the live",
+            markdown_image(timeline, "members watching per minute"),
+            "**Viewing rate by tier**",
+            markdown_image(histogram, "viewing rate histogram by tier"),
+        ]
+    )
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
@@ -189,5 +238,7 @@ def broadcast_kpis(
             "cvr": dg.MetadataValue.float(float(kpis["cvr"])),
             "revenue_during_live": dg.MetadataValue.int(int(kpis["revenue_during_live"])),
             "non_buyers": dg.MetadataValue.int(int(kpis["non_buyers"])),
+            "peak_concurrent_members": dg.MetadataValue.int(peak),
+            "charts": dg.MetadataValue.md(charts),
         },
     )
