@@ -433,3 +433,43 @@ def test_email_server_down_marks_failed(tmp_path):
     row = harness.ledger_rows().iloc[0]
     assert row["error"] == "SMTP send failed: ConnectionRefusedError"
     assert "@" not in row["error"]
+
+
+def test_email_line_break_fails_member_alone(tmp_path):
+    inbox = Inbox()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        harness = Harness(
+            tmp_path,
+            scenarios=scenarios_with_channels(tmp_path, mid_archive="email"),
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            smtp_from="shop@example.test",
+        )
+        # m053's address would inject a header; m052 and m054 are sent around it.
+        load(
+            harness.store,
+            broadcasts=[broadcast("b041", "2024-06-10 17:00", "2024-06-10 18:00")],
+            members=[
+                member("m052"),
+                member("m053", email="m053@example.test\r\nBcc: everyone@example.test"),
+                member("m054"),
+            ],
+            followup_audience=[audience_row("b041", "mid", m) for m in ("m052", "m053", "m054")],
+        )
+        metadata = harness.run("b041", "mid_archive", tokyo("2024-06-11 18:00"))
+    finally:
+        controller.stop()
+    assert metadata["sent"] == 2
+    assert metadata["failed"] == 1
+    assert sorted(recipients[0] for recipients, _ in inbox.messages) == [
+        "m052@example.test",
+        "m054@example.test",
+    ]
+    rows = harness.ledger_rows().set_index("member_id")
+    assert rows.at["m053", "status"] == "failed"
+    assert "everyone" not in str(rows.at["m053", "error"])

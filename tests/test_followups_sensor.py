@@ -10,6 +10,7 @@ import pytest
 
 from livecrm_dagster.defs.followups.assets import due_followup_steps
 from livecrm_dagster.defs.followups.plan import step_timing
+from livecrm_dagster.defs.followups.resources import FollowupClockResource
 from livecrm_dagster.defs.followups.scenarios import load_scenarios
 from tests.test_followups_support import (
     DST_DAY_EXPECTED,
@@ -179,3 +180,18 @@ def test_coupon_expiry_instant():
     )
     assert timing.send_at.isoformat() == "2024-03-10T11:30:00+00:00"
     assert timing.expires_at.isoformat() == "2024-03-10T14:59:59+00:00"
+
+
+def test_live_clock_leaves_now_to_the_run(b017, monkeypatch):
+    """With the wall clock, a run decides at the time it executes, not at the tick."""
+    monkeypatch.setattr(
+        "livecrm_dagster.defs.followups.resources.FollowupClockResource.current_time",
+        lambda self: tokyo("2024-06-10 20:01"),
+    )
+    context = dg.build_sensor_context(
+        instance=b017.instance,
+        resources={**b017.resources(), "followup_clock": FollowupClockResource()},
+    )
+    result = due_followup_steps(context)
+    assert len(result.run_requests) == 2
+    assert all(not request.run_config for request in result.run_requests)

@@ -1,5 +1,7 @@
 """Resources of every asset, configured from the environment."""
 
+import os
+
 import dagster as dg
 
 from livecrm_dagster.defs.followups.resources import (
@@ -41,6 +43,8 @@ def resources() -> dg.Definitions:
                 line_base_url=env_or_default("LIVECRM_LINE_BASE_URL", "https://api.line.me"),
                 line_token=env_or_default("LIVECRM_LINE_TOKEN", ""),
                 smtp_host=env_or_default("LIVECRM_SMTP_HOST", ""),
+                smtp_port=int(os.environ.get("LIVECRM_SMTP_PORT") or 25),
+                smtp_starttls=os.environ.get("LIVECRM_SMTP_STARTTLS", "").lower() == "true",
                 smtp_username=env_or_default("LIVECRM_SMTP_USERNAME", ""),
                 smtp_password=env_or_default("LIVECRM_SMTP_PASSWORD", ""),
                 smtp_from=env_or_default("LIVECRM_SMTP_FROM", ""),

@@ -263,9 +263,12 @@ def due_followup_steps(
         requests[key] = dg.RunRequest(
             run_key=key,
             partition_key=dg.MultiPartitionKey({"broadcast": broadcast_id, "step": step_id}),
-            run_config=dg.RunConfig(
-                ops={"followup_sends": FollowupSendConfig(now=now.isoformat())}
-            ),
+            # A fixed clock (a replay or a test) travels with the run. A live run decides
+            # quiet hours and offer expiry at the time it executes, not at this tick: it
+            # may wait in the run queue, or be re-executed from the UI days later.
+            run_config=dg.RunConfig(ops={"followup_sends": FollowupSendConfig(now=now.isoformat())})
+            if followup_clock.now
+            else None,
             tags={"livecrm/broadcast": broadcast_id, "livecrm/step": step_id},
         )
     cursor = json.dumps({"requested": sorted(in_window | set(requests))})

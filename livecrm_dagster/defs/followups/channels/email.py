@@ -54,9 +54,14 @@ class EmailChannel(Channel):
     def send(self, messages: Sequence[Message], key: str) -> str | None:
         (message,) = messages
         email = EmailMessage()
-        email["From"] = self.sender
-        email["To"] = message.address
-        email["Subject"] = message.subject
+        try:
+            email["From"] = self.sender
+            email["To"] = message.address
+            email["Subject"] = message.subject
+        except ValueError:
+            # A line break in an address or subject would inject headers. The error text
+            # may quote the address, so only the fact is kept, and this member fails alone.
+            raise ChannelError("invalid e-mail header (address or subject)") from None
         email["Message-ID"] = f"<{key}@livecrm>"
         email.set_content(message.text)
         try:
