@@ -1,5 +1,6 @@
 """Channels against mocks started on 127.0.0.1: LINE, a signed webhook and SMTP."""
 
+import csv
 import json
 import socket
 import subprocess
@@ -473,3 +474,22 @@ def test_email_line_break_fails_member_alone(tmp_path):
     rows = harness.ledger_rows().set_index("member_id")
     assert rows.at["m053", "status"] == "failed"
     assert "everyone" not in str(rows.at["m053", "error"])
+
+
+def test_outbox_csv_neutralises_formulas(tmp_path):
+    harness = Harness(tmp_path)
+    # A member ID and a title that a spreadsheet would run as formulas.
+    load(
+        harness.store,
+        broadcasts=[
+            broadcast("b042", "2024-06-10 17:00", "2024-06-10 18:00", title='=HYPERLINK("x")')
+        ],
+        members=[member("+cmd|'/C calc'!A0")],
+        followup_audience=[audience_row("b042", "mid", "+cmd|'/C calc'!A0")],
+    )
+    harness.run("b042", "mid_archive", tokyo("2024-06-11 18:00"))
+    folder = tmp_path / "outbox" / "b042"
+    rows = list(csv.DictReader((folder / "mid_archive.csv").open(encoding="utf-8")))
+    (line,) = (folder / "mid_archive.jsonl").read_text(encoding="utf-8").splitlines()
+    assert rows[0]["member_id"] == "'+cmd|'/C calc'!A0"
+    assert json.loads(line)["member_id"] == "+cmd|'/C calc'!A0"

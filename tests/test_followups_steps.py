@@ -132,7 +132,7 @@ def test_message_contents(shop):
         path = shop.outbox / B / f"{step_id}.jsonl"
         return {r["member_id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
-    assert texts("hot_thanks_coupon")["m01"]["offer_expires_at"] == "2024-06-10 23:59"
+    assert texts("hot_thanks_coupon")["m01"]["offer_expires_at"] == "2024-06-10T23:59:59+09:00"
     assert texts("hot_low_stock")["m01"]["text"].endswith("Serum: https://shop.example.test/p/P-1")
     assert "Lotion: https://shop.example.test/r/P-2" in texts("mid_reviews")["m03"]["text"]
     assert "Lipstick: https://shop.example.test/r/P-4" in texts("mid_reviews")["m03"]["text"]
@@ -144,7 +144,7 @@ def test_message_contents(shop):
         "Moist cream: https://shop.example.test/p/P-3"
     )
     assert "2024-06-17 20:00" in texts("hot_next_live")["m02"]["subject"]
-    assert texts("buyer_follow_up")["m06"]["offer_expires_at"] == "2024-07-01 23:59"
+    assert texts("buyer_follow_up")["m06"]["offer_expires_at"] == "2024-07-01T23:59:59+09:00"
     outbox_file = shop.outbox / B / "hot_archive.csv"
     assert outbox_file.stat().st_mode & 0o777 == 0o600
     assert (shop.outbox / B).stat().st_mode & 0o777 == 0o700

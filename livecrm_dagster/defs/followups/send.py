@@ -430,7 +430,13 @@ def _deliver(
         return
 
     address_column = channel.address_column or "email"
-    expires = rules.shop_time(inputs.timing.expires_at, inputs.zone) or None
+    expires_at = inputs.timing.expires_at
+    # Machine-readable for the MA tool: ISO 8601 in shop time, with its UTC offset.
+    expires = (
+        pd.Timestamp(expires_at).tz_convert(inputs.zone).isoformat()
+        if expires_at is not None
+        else None
+    )
     messages = []
     for decision, previous_batch in to_send:
         member = inputs.members.loc[decision.member_id]

@@ -80,7 +80,7 @@ class OutboxChannel(Channel):
             writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
             if new_csv:
                 writer.writeheader()
-            writer.writerow(record)
+            writer.writerow({name: _spreadsheet_safe(value) for name, value in record.items()})
             _append_private(csv_path, buffer.getvalue())
             # The JSON Lines file is written last: a key in it means the CSV row exists too.
             _append_private(jsonl_path, json.dumps(record, ensure_ascii=False) + "\n")
@@ -89,6 +89,22 @@ class OutboxChannel(Channel):
                 f"outbox write failed: {type(error).__name__}: {error.strerror}"
             ) from None
         written.add(message.key)
+
+
+# A cell starting with one of these is run as a formula by spreadsheet programs.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(value: object) -> object:
+    """Prefix a text cell that a spreadsheet would evaluate with an apostrophe.
+
+    The CSV goes to operators and MA tools that may open it in a spreadsheet, and member
+    IDs, titles and product names come from outside. The JSON Lines file keeps the
+    values unchanged.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _make_private_dir(path: Path) -> None:
