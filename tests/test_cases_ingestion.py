@@ -255,6 +255,8 @@ def test_strays_add_no_watched_time(built):
     member = built.summary(C06).loc["m06"]
     assert member["watched_seconds"] == pytest.approx(900.0)
     assert member["viewing_rate"] == pytest.approx(0.25)
+    # 20:00-20:10 and 20:55-21:00; the strays at 11:15 and 23:40 are no sessions of it.
+    assert member["sessions"] == 2
 
 
 def test_strays_leave_member_in_low_tier(built):

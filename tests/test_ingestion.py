@@ -471,3 +471,15 @@ def test_broadcast_with_two_schedules_is_quarantined():
     assert (
         quarantine["reason"].tolist() == ["broadcast_id is listed twice with different values"] * 2
     )
+
+
+def test_later_file_corrects_broadcast():
+    first = _rows([_broadcast("b1")], file="broadcasts/2024-06-01.csv")
+    # The correction moves the end by an hour and arrives in a later file.
+    corrected = _rows(
+        [_broadcast("b1", ends_at="2024-06-10T22:00:00+09:00")], file="broadcasts/2024-06-02.csv"
+    )
+    schedule, quarantine = validate_broadcasts(pd.concat([first, corrected], ignore_index=True))
+    assert schedule["broadcast_id"].tolist() == ["b1"]
+    assert schedule.loc[0, "ends_at"] == pd.Timestamp("2024-06-10T13:00:00Z")
+    assert quarantine.empty

@@ -70,3 +70,32 @@ def test_checks_pass_and_fail_per_broadcast(healthy_and_silent, warehouse_url):
     assert results[SILENT]["viewing_events_arrived"] is False
     assert failed_checks(store, HEALTHY) == []
     assert failed_checks(store, SILENT) == ["raw_viewer_events:viewing_events_arrived"]
+
+
+def test_unreadable_shared_file_does_not_stop_schedule(source, warehouse_url):
+    source.csv(
+        "broadcasts",
+        "schedule.csv",
+        [
+            {
+                "broadcast_id": "b060",
+                "starts_at": "2024-06-10T20:00:00+09:00",
+                "ends_at": "2024-06-10T21:00:00+09:00",
+            }
+        ],
+    )
+    # A UTF-16 export in the shared events folder cannot be read by anyone.
+    (source.root / "viewer_events").mkdir(parents=True)
+    (source.root / "viewer_events" / "export.csv").write_bytes(
+        "event_id,broadcast_id\ne1,b060\n".encode("utf-16")
+    )
+    for name in ("orders", "members", "products"):
+        (source.root / name).mkdir(parents=True)
+    resources = pipeline_resources(warehouse_url, str(source.root))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(REFERENCE_ASSETS, resources=resources, instance=instance)
+    store = resources["warehouse"].get()
+    quarantine = store.read("quarantine", input="viewer_events")
+    assert result.success
+    assert store.read("broadcasts")["broadcast_id"].tolist() == ["b060"]
+    assert quarantine["file"].str.endswith("export.csv").tolist() == [True]

@@ -11,7 +11,7 @@ from livecrm_dagster.broadcasts import (
 )
 from livecrm_dagster.defs.ingestion.contract import quarantine_frame, text
 from livecrm_dagster.defs.ingestion.events import validate_viewer_events
-from livecrm_dagster.defs.ingestion.files import list_files, read_files
+from livecrm_dagster.defs.ingestion.files import InputFileError, list_files, read_files
 from livecrm_dagster.defs.ingestion.orders import net_order_lines, validate_orders
 from livecrm_dagster.defs.ingestion.reference import (
     validate_broadcasts,
@@ -169,7 +169,23 @@ def _unplaced_events(source: SourceResource, known: set[str]) -> pd.DataFrame:
         for path in list_files(folder)
         if path.parent == folder or path.relative_to(folder).parts[0] not in known
     ]
-    rows, broken = read_files(paths)
+    frames, broken_lines, unreadable = [], [], []
+    for path in paths:
+        try:
+            frame, bad = read_files([path])
+        except InputFileError as error:
+            # The partitions that read this file fail with the same error; here it must
+            # not stop the schedule, or no new broadcast could be registered.
+            unreadable.append({"_file": str(path), "_line": 0, "reason": str(error)})
+            continue
+        frames.append(frame)
+        broken_lines.append(bad)
+    rows, broken = read_files([])
+    rows = pd.concat([rows, *frames], ignore_index=True).fillna("")
+    broken = pd.concat(
+        [broken, *broken_lines, pd.DataFrame(unreadable, columns=broken.columns)],
+        ignore_index=True,
+    )
     unknown = rows.loc[~text(rows, "broadcast_id").isin(known)]
     reason = "unknown broadcast: " + text(unknown, "broadcast_id").str.slice(0, 80)
     return pd.concat(

@@ -13,6 +13,7 @@ from livecrm_dagster.defs.ingestion.contract import (
     parse_integers,
     text,
 )
+from livecrm_dagster.defs.ingestion.files import FILE
 
 BROADCAST_COLUMNS = [
     "broadcast_id",
@@ -54,8 +55,10 @@ def validate_broadcasts(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validate the schedule; an ID listed twice with the same values counts once.
 
-    An ID listed with two different schedules is quarantined in every copy, because
-    neither start time can be trusted to be the right one.
+    A broadcast listed again in a later file (in name order) takes that file's values,
+    so an operator corrects a schedule by dropping a new file. An ID listed with two
+    different schedules in the same file is quarantined in every copy, because neither
+    start time can be trusted to be the right one.
     """
     rows = rows.reset_index(drop=True)
     checker = RowChecker(rows, "broadcasts", "broadcast_id")
@@ -79,14 +82,19 @@ def validate_broadcasts(
     schedule["ends_at"] = ends_at
     schedule["next_broadcast_at"] = next_at
     schedule["ad_spend"] = ad_spend
-    usable = schedule.loc[~checker.bad]
-    fingerprint = pd.util.hash_pandas_object(usable.astype(str), index=False)
-    variants = fingerprint.groupby(usable["broadcast_id"]).transform("nunique")
+    # Files arrive in name order; a broadcast's row in a later file is a correction.
+    file_rank = pd.Series(pd.factorize(text(rows, FILE))[0], index=rows.index)
+    usable = ~checker.bad
+    latest = file_rank[usable].groupby(broadcast_id[usable]).transform("max")
+    in_latest = usable & (file_rank == latest.reindex(rows.index))
+    current = schedule.loc[in_latest]
+    fingerprint = pd.util.hash_pandas_object(current.astype(str), index=False)
+    variants = fingerprint.groupby(current["broadcast_id"]).transform("nunique")
     clashing = variants.reindex(schedule.index, fill_value=1) > 1
     checker.flag(clashing, "broadcast_id", "broadcast_id is listed twice with different values")
     valid, quarantine = checker.split(schedule)
-    # Two file drops that repeat the same row describe one broadcast.
-    valid = valid.drop_duplicates("broadcast_id", keep="first")
+    # Earlier deliveries of a corrected broadcast, and repeats of the same row, drop out.
+    valid = valid.loc[in_latest[valid.index]].drop_duplicates("broadcast_id", keep="first")
     return valid.sort_values("starts_at").reset_index(drop=True), quarantine
 
 

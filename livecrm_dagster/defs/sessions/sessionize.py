@@ -166,12 +166,22 @@ def broadcast_seconds(starts_at: pd.Timestamp, ends_at: pd.Timestamp) -> float:
 def watched_by_member(
     sessions: pd.DataFrame, starts_at: pd.Timestamp, ends_at: pd.Timestamp
 ) -> pd.DataFrame:
-    """Return watched seconds, viewing rate and session count of each viewing member."""
-    per_member = sessions.groupby("member_id").agg(
-        watched_seconds=("watched_seconds", "sum"),
-        sessions=("session_no", "size"),
-        events_inside=("events_inside", "sum"),
+    """Return watched seconds, viewing rate and session count of each viewing member.
+
+    Only sessions that touch the broadcast count: a stray heartbeat hours later forms a
+    session row of its own but is no session of this broadcast.
+    """
+    touching = (sessions["events_inside"] > 0) | (sessions["watched_seconds"] > 0)
+    per_member = (
+        sessions.assign(touching=touching)
+        .groupby("member_id")
+        .agg(
+            watched_seconds=("watched_seconds", "sum"),
+            sessions=("touching", "sum"),
+            events_inside=("events_inside", "sum"),
+        )
     )
+    per_member["sessions"] = per_member["sessions"].astype("int64")
     per_member = per_member.loc[per_member["events_inside"] > 0].drop(columns="events_inside")
     length = broadcast_seconds(starts_at, ends_at)
     if length <= 0:
