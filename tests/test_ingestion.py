@@ -483,3 +483,17 @@ def test_later_file_corrects_broadcast():
     assert schedule["broadcast_id"].tolist() == ["b1"]
     assert schedule.loc[0, "ends_at"] == pd.Timestamp("2024-06-10T13:00:00Z")
     assert quarantine.empty
+
+
+@pytest.mark.parametrize(
+    ("archive_url", "expected"),
+    [
+        ("https://shop.example/live/b1", []),  # an ordinary link
+        ("", []),  # no archive yet
+        ("javascript:alert(1)", ["archive_url is not an http or https URL: javascript:alert(1)"]),
+        ("file:///etc/passwd", ["archive_url is not an http or https URL: file:///etc/passwd"]),
+    ],
+)
+def test_archive_url_must_be_web_link(archive_url, expected):
+    _, quarantine = validate_broadcasts(_rows([_broadcast("b1", archive_url=archive_url)]))
+    assert quarantine["reason"].tolist() == expected

@@ -216,3 +216,18 @@ def invalid_broadcast_id_reason(broadcast_id: str) -> str | None:
     if BROADCAST_ID.match(broadcast_id):
         return None
     return f"broadcast_id {broadcast_id[:80]!r} is invalid: use 1 to 64 letters, digits, '-' or '_'"
+
+
+_WEB_URL = re.compile(r"^https?://[^\s/?#]+[^\s]*$", re.IGNORECASE)
+
+
+def url_reasons(values: pd.Series, field: str) -> pd.Series:
+    """Return a reason for each value that is neither empty nor an http(s) URL.
+
+    URLs end up in messages to members, so a `javascript:` or `file:` link is rejected.
+    """
+    values = values.fillna("").astype(str).str.strip()
+    invalid = (values != "") & ~values.str.match(_WEB_URL).astype(bool)
+    reasons = pd.Series(None, index=values.index, dtype=object)
+    reasons[invalid] = f"{field} is not an http or https URL: " + values[invalid].str.slice(0, 40)
+    return reasons

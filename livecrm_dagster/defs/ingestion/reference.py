@@ -12,6 +12,7 @@ from livecrm_dagster.defs.ingestion.contract import (
     parse_instants,
     parse_integers,
     text,
+    url_reasons,
 )
 from livecrm_dagster.defs.ingestion.files import FILE
 
@@ -75,6 +76,8 @@ def validate_broadcasts(
     checker.flag(reasons.notna(), "next_broadcast_at", reasons)
     ad_spend, reasons = parse_integers(text(rows, "ad_spend"), "ad_spend")
     checker.flag(reasons.notna(), "ad_spend", reasons)
+    reasons = url_reasons(text(rows, "archive_url"), "archive_url")
+    checker.flag(reasons.notna(), "archive_url", reasons)
 
     schedule = pd.DataFrame({column: text(rows, column) for column in BROADCAST_COLUMNS})
     schedule["featured_product_ids"] = identifiers(rows, "featured_product_ids")
@@ -153,4 +156,7 @@ def validate_products(rows: pd.DataFrame):
         numbers, reasons = parse_integers(text(rows, column), column)
         checker.flag(reasons.notna(), column, reasons)
         products[column] = numbers
+    for column in ("detail_url", "reviews_url"):
+        reasons = url_reasons(text(rows, column), column)
+        checker.flag(reasons.notna(), column, reasons)
     return checker.split(products)
