@@ -1,5 +1,7 @@
 """A failed upstream asset check for a broadcast stops that broadcast's steps only."""
 
+import datetime as dt
+
 import dagster as dg
 import pandas as pd
 
@@ -129,3 +131,45 @@ def test_stored_failed_check_blocks_steps(tmp_path):
     ]
     assert results["b041"]["sent"] == 1
     assert harness.outbox_members("b040", "mid_archive") == []
+
+
+def test_stale_orders_make_step_wait(tmp_path):
+    harness = Harness(tmp_path)
+    harness.scenarios_path = scenarios_file(tmp_path)
+    load(
+        harness.store,
+        broadcasts=[broadcast("b043", "2024-06-10 17:00", "2024-06-10 18:00")],
+        members=[member("m062")],
+        followup_audience=[audience_row("b043", "mid", "m062")],
+    )
+    harness.instance.add_dynamic_partitions("broadcast", ["b043"])
+    # The orders were last loaded (materialized) now, in wall-clock time.
+    harness.instance.report_runless_asset_event(dg.AssetMaterialization("shop_orders"))
+    definitions = dg.Definitions(
+        assets=[followup_sends], jobs=[followup_send_job], resources=harness.resources()
+    )
+    job = definitions.resolve_job_def("followup_send_job")
+    key = dg.MultiPartitionKey({"broadcast": "b043", "step": "mid_archive"})
+
+    def run_at(now):
+        outcome = job.execute_in_process(
+            partition_key=key,
+            run_config={"ops": {"followup_sends": {"config": {"now": now.isoformat()}}}},
+            instance=harness.instance,
+        )
+        (materialization,) = outcome.asset_materializations_for_node("followup_sends")
+        return {k: v.value for k, v in materialization.metadata.items()}
+
+    # The next noon in shop time: within 24 hours, outside quiet hours.
+    now = dt.datetime.now(tokyo("2024-06-10 12:00").tzinfo)
+    noon = now.replace(hour=12, minute=0, second=0, microsecond=0)
+    if noon <= now:
+        noon += dt.timedelta(days=1)
+    # Two days later the orders are older than the 36-hour limit: the step waits.
+    late = run_at(noon + dt.timedelta(days=2))
+    assert late["sent"] == 0
+    assert late["deferred"].startswith("stale_inputs: orders were last loaded at")
+    assert harness.ledger_rows().empty
+    # Within the limit the same step sends.
+    fresh = run_at(noon)
+    assert fresh["sent"] == 1

@@ -70,6 +70,7 @@ class OperationsSettings(_Strict):
 
     settle_minutes: float = Field(30, ge=0)
     refresh_days: float = Field(7, ge=0)
+    max_input_age_hours: float = Field(36, gt=0)
 
 
 class ShopSettings(_Strict):

@@ -72,6 +72,13 @@ def followup_sends(
         set(failed_upstream_checks(context, broadcast_id, settings.blocking_checks))
         | set(failed_quality_checks(store, broadcast_id))
     )
+    stale = stale_inputs(context.instance, store, shop_settings.get(), broadcast_id, now)
+    if stale:
+        # Nothing is decided, so the ledger stays empty and a later run sends normally.
+        context.log.warning("%s of %s waits: %s", step_id, broadcast_id, stale)
+        waiting = StepResult(broadcast_id, step_id, dry_run=config.dry_run)
+        waiting.deferred = f"stale_inputs: {stale}"
+        return dg.MaterializeResult(metadata=_metadata(waiting, now))
     if failed_checks:
         context.log.warning(
             "%s of %s blocked by failed checks: %s", step_id, broadcast_id, ", ".join(failed_checks)
@@ -100,6 +107,55 @@ def followup_sends(
     metadata = _metadata(result, now)
     metadata["failed_checks"] = dg.MetadataValue.json(failed_checks)
     return dg.MaterializeResult(metadata=metadata)
+
+
+def _latest_materialization(
+    instance: dg.DagsterInstance, asset: str, partition: str | None
+) -> dt.datetime | None:
+    records_filter = dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None
+    )
+    records = instance.fetch_materializations(records_filter, limit=1).records
+    if not records:
+        return None
+    return dt.datetime.fromtimestamp(records[0].timestamp, dt.UTC)
+
+
+def stale_inputs(
+    instance: dg.DagsterInstance,
+    store: Warehouse,
+    shop: ShopSettings,
+    broadcast_id: str,
+    now: dt.datetime,
+) -> str | None:
+    """Return why a step's inputs are too old to send on, or None when they are fresh.
+
+    The audience must have been built after the broadcast settled (late events are in),
+    and the orders, which decide who has bought since, must have been loaded within
+    `operations.max_input_age_hours` of `now`. An input this instance never
+    materialized (loaded into the warehouse by other means) is not judged.
+    """
+    broadcasts = store.read("broadcasts", broadcast_id=broadcast_id)
+    if broadcasts.empty:
+        return None
+    settled_at = broadcasts.iloc[0]["ends_at"].to_pydatetime() + dt.timedelta(
+        minutes=shop.operations.settle_minutes
+    )
+    audience_at = _latest_materialization(instance, "followup_audience", broadcast_id)
+    if audience_at is not None and audience_at < settled_at:
+        return (
+            f"followup_audience of {broadcast_id} was built at {audience_at.isoformat()}, "
+            f"before the broadcast settled at {settled_at.isoformat()}; rebuild the broadcast"
+        )
+    orders_at = _latest_materialization(instance, "shop_orders", None)
+    limit = dt.timedelta(hours=shop.operations.max_input_age_hours)
+    if orders_at is not None and now - orders_at > limit:
+        return (
+            f"orders were last loaded at {orders_at.isoformat()}, more than "
+            f"{shop.operations.max_input_age_hours:g} h before {now.isoformat()}; "
+            "run the reference_data job"
+        )
+    return None
 
 
 def failed_upstream_checks(
