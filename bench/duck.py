@@ -3,8 +3,9 @@
 It follows the written definitions, not the pandas code: a gap longer than the timeout
 cuts a device's session, a `view_end` from a known device closes its session, a
 member's device sessions that overlap or touch are merged by interval union, watched
-seconds are clipped to [start, end], and a viewing member has at least one viewing event
-inside [start, end]. Rows keep the events' order (occurred_at, then event_id) for ties.
+seconds are clipped to [start, end], a viewing member has at least one viewing event
+inside [start, end], and a member's session count includes only sessions that touch the
+broadcast. Rows keep the events' order (occurred_at, then event_id) for ties.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ ORDER BY member_id, started_at
 
 _MEMBERS_SQL = """
 WITH per_member AS (
-    SELECT member_id, sum(watched_us) AS watched_us, count(*) AS sessions
+    SELECT member_id, sum(watched_us) AS watched_us,
+        count(*) FILTER (WHERE events_inside > 0 OR watched_us > 0) AS sessions
     FROM sessions
     GROUP BY member_id
     HAVING sum(events_inside) > 0
