@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
+from livecrm_dagster.defs.ingestion.contract import EVENT_TYPES
 from livecrm_dagster.demo.uci_online_retail import NON_PRODUCT_CATEGORY, is_non_product_code
 
 LONDON = ZoneInfo("Europe/London")
@@ -48,16 +49,6 @@ EVENT_COLUMNS = [
     "coupon_code",
     "text",
 ]
-EVENT_TYPES = (
-    "view_start",
-    "heartbeat",
-    "view_end",
-    "chat",
-    "like",
-    "product_click",
-    "answer",
-    "coupon_claim",
-)
 
 # Seconds after the start at which the host shows each featured product, poses the
 # survey and the quiz question, and shows the coupon.

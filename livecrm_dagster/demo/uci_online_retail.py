@@ -16,20 +16,12 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
+from livecrm_dagster.defs.ingestion.orders import ORDER_LINE_COLUMNS
+
 LONDON = ZoneInfo("Europe/London")
 
-ORDER_COLUMNS = [
-    "order_id",
-    "line_no",
-    "member_id",
-    "ordered_at",
-    "paid_at",
-    "status",
-    "product_id",
-    "quantity",
-    "unit_price",
-    "refund_of",
-]
+# The adapter writes exactly the contract's order-line columns.
+ORDER_COLUMNS = ORDER_LINE_COLUMNS
 
 # Stock codes that stand for postage, fees, discounts, manual corrections and vouchers.
 NON_PRODUCT_CODES = frozenset(
