@@ -6,6 +6,7 @@ a broadcast whose inputs failed a check, without asking Dagster's event log.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -25,11 +26,14 @@ class CheckOutcome:
 
 def check_spec(asset: str, name: str, description: str) -> dg.AssetCheckSpec:
     """Describe a check evaluated per broadcast, so each partition shows its own result."""
-    # Partitioned checks are a preview feature in Dagster 1.13 and log a warning; without
-    # a partitions definition the results are stored without their broadcast.
-    return dg.AssetCheckSpec(
-        name=name, asset=asset, description=description, partitions_def=broadcast_partitions
-    )
+    # Partitioned checks are a preview feature in Dagster 1.13; without a partitions
+    # definition the results are stored without their broadcast. The preview warning is
+    # silenced here only, since operators cannot act on it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(
+            name=name, asset=asset, description=description, partitions_def=broadcast_partitions
+        )
 
 
 def record_checks(
