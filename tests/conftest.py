@@ -17,7 +17,10 @@ POSTGRES_SERVER = os.environ.get("LIVECRM_TEST_POSTGRES", "postgresql+psycopg://
 
 def _fresh_postgres_database() -> Iterator[str]:
     name = f"livecrm_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    # No pool: a test may restart the server, and a pooled connection would be dead.
+    admin = sa.create_engine(
+        f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:

@@ -1,0 +1,108 @@
+"""PostgreSQL restarted in the middle of a partition write: nothing partial is left behind.
+
+The test restarts the machine's PostgreSQL server (`pg_ctlcluster restart`), so it runs
+only where that command exists and the test may run it (root on the test machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from livecrm_dagster.defs.ingestion.assets import raw_viewer_events
+from livecrm_dagster.pipeline import FIRST_PASS, REFERENCE_ASSETS, pipeline_resources
+from tests.test_main_job import B1, two_broadcasts  # noqa: F401 - fixture reused
+
+CLUSTERS = Path("/etc/postgresql")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("pg_ctlcluster") is None or not CLUSTERS.is_dir() or os.geteuid() != 0,
+    reason="needs pg_ctlcluster and root to restart the local PostgreSQL server",
+)
+
+
+def _restart_postgres() -> None:
+    version = sorted(path.name for path in CLUSTERS.iterdir())[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for _ in range(60):
+        ready = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"])
+        if ready.returncode == 0:
+            return
+        time.sleep(1)
+    raise RuntimeError("PostgreSQL did not come back within 60 s after the restart")
+
+
+def _events(url: str) -> list[tuple]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text(
+                    "SELECT event_id, member_id, type, occurred_at FROM raw_viewer_events "
+                    "WHERE broadcast_id = :b ORDER BY event_id"
+                ),
+                {"b": B1},
+            ).all()
+    finally:
+        engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F811
+    resources = pipeline_resources(postgres_url, str(two_broadcasts.root))
+    armed = {"restarts": 0}
+
+    def restart_before_delete(conn, cursor, statement, parameters, context, executemany):
+        # The partition write starts with this DELETE; restarting now kills the
+        # transaction between the DELETE and the COPY of the new rows.
+        if armed["restarts"] == 0 and statement.startswith("DELETE FROM raw_viewer_events"):
+            armed["restarts"] += 1
+            _restart_postgres()
+
+    with dg.instance_for_test() as instance:
+        dg.materialize(REFERENCE_ASSETS, resources=resources, instance=instance)
+        instance.add_dynamic_partitions("broadcast", [B1])
+        dg.materialize(FIRST_PASS, resources=resources, instance=instance, partition_key=B1)
+        before = _events(postgres_url)
+
+        # A fresh resource, so the write goes through a new connection pool.
+        resources = pipeline_resources(postgres_url, str(two_broadcasts.root))
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
+        try:
+            failed = dg.materialize(
+                [raw_viewer_events],
+                resources=resources,
+                instance=instance,
+                partition_key=B1,
+                raise_on_error=False,
+            )
+        finally:
+            sa.event.remove(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
+        after_failure = _events(postgres_url)
+
+        retried = dg.materialize(
+            [raw_viewer_events],
+            resources=pipeline_resources(postgres_url, str(two_broadcasts.root)),
+            instance=instance,
+            partition_key=B1,
+        )
+        after_retry = _events(postgres_url)
+
+    assert armed["restarts"] == 1
+    assert not failed.success
+    assert before
+    assert after_failure == before
+    assert retried.success
+    assert after_retry == before
