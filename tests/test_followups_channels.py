@@ -493,3 +493,100 @@ def test_outbox_csv_neutralises_formulas(tmp_path):
     (line,) = (folder / "mid_archive.jsonl").read_text(encoding="utf-8").splitlines()
     assert rows[0]["member_id"] == "'+cmd|'/C calc'!A0"
     assert json.loads(line)["member_id"] == "+cmd|'/C calc'!A0"
+
+
+class DroppingPeer:
+    """A raw HTTP peer on 127.0.0.1 that closes the first connections without answering.
+
+    A dropped connection is the hard case for once-only sending: the request may or may
+    not have been processed. The peer records every request's Idempotency-Key.
+    """
+
+    def __init__(self, drops: int):
+        self.drops = drops
+        self.keys: list[str] = []
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            with connection:
+                request = self._read_request(connection)
+                if request is None:
+                    continue
+                self.keys.append(request)
+                if self.drops > 0:
+                    self.drops -= 1
+                    continue
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: ok\r\n"
+                    b"Connection: close\r\n\r\n{}"
+                )
+
+    @staticmethod
+    def _read_request(connection: socket.socket) -> str | None:
+        connection.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        headers = dict(
+            line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
+        )
+        length = int(headers.get("Content-Length", "0"))
+        while len(body) < length:
+            body += connection.recv(65536)
+        return headers.get("Idempotency-Key", "")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    ("drops", "retries", "sent", "failed"),
+    [
+        (1, 1, 1, 0),  # one dropped connection, retried once with the same key: sent
+        (2, 1, 0, 1),  # dropped again on the retry: failed, and the next run resends
+    ],
+)
+def test_webhook_dropped_connection(tmp_path, drops, retries, sent, failed):
+    peer = DroppingPeer(drops)
+    try:
+        harness = Harness(
+            tmp_path,
+            scenarios=scenarios_with_channels(tmp_path, mid_archive="webhook"),
+            webhook_url=peer.url,
+            webhook_secret=SECRET,
+            http_timeout_seconds=2,
+            http_retries=retries,
+            http_backoff_seconds=0,
+        )
+        load(
+            harness.store,
+            broadcasts=[broadcast("b044", "2024-06-10 17:00", "2024-06-10 18:00")],
+            members=[member("m063")],
+            followup_audience=[audience_row("b044", "mid", "m063")],
+        )
+        first = harness.run("b044", "mid_archive", tokyo("2024-06-11 18:00"))
+        second = harness.run("b044", "mid_archive", tokyo("2024-06-11 18:30"))
+    finally:
+        peer.close()
+    key = ledger_key("b044", "mid_archive", "m063", "webhook")
+    assert (first["sent"], first["failed"]) == (sent, failed)
+    # Every attempt, across retries and runs, carries the same key for the receiver.
+    assert set(peer.keys) == {key}
+    # Each dropped attempt was followed by one more, until one was answered.
+    assert len(peer.keys) == drops + 1
+    assert harness.ledger_rows()["status"].tolist() == ["sent"]
+    assert second["sent"] + first["sent"] == 1
