@@ -502,13 +502,15 @@ class DroppingPeer:
     not have been processed. The peer records every request's Idempotency-Key.
     """
 
-    def __init__(self, drops: int):
+    def __init__(self, drops: int, key_header: str = "Idempotency-Key"):
         self.drops = drops
+        self.key_header = key_header
         self.keys: list[str] = []
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
         self.server.listen()
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.base_url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.url = self.base_url + "/hook"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -531,8 +533,7 @@ class DroppingPeer:
                     b"Connection: close\r\n\r\n{}"
                 )
 
-    @staticmethod
-    def _read_request(connection: socket.socket) -> str | None:
+    def _read_request(self, connection: socket.socket) -> str | None:
         connection.settimeout(5)
         data = b""
         while b"\r\n\r\n" not in data:
@@ -547,7 +548,7 @@ class DroppingPeer:
         length = int(headers.get("Content-Length", "0"))
         while len(body) < length:
             body += connection.recv(65536)
-        return headers.get("Idempotency-Key", "")
+        return headers.get(self.key_header, "")
 
     def close(self) -> None:
         self.server.close()
@@ -590,3 +591,30 @@ def test_webhook_dropped_connection(tmp_path, drops, retries, sent, failed):
     assert len(peer.keys) == drops + 1
     assert harness.ledger_rows()["status"].tolist() == ["sent"]
     assert second["sent"] + first["sent"] == 1
+
+
+def test_line_push_dropped_connection(tmp_path):
+    peer = DroppingPeer(drops=1, key_header="X-Line-Retry-Key")
+    try:
+        harness = Harness(
+            tmp_path,
+            scenarios=scenarios_with_channels(tmp_path, mid_archive="line"),
+            line_base_url=peer.base_url,
+            line_token=TOKEN,
+            http_timeout_seconds=2,
+            http_retries=1,
+            http_backoff_seconds=0,
+        )
+        load(
+            harness.store,
+            broadcasts=[broadcast("b045", "2024-06-10 17:00", "2024-06-10 18:00")],
+            members=[member("m064")],
+            followup_audience=[audience_row("b045", "mid", "m064")],
+        )
+        result = harness.run("b045", "mid_archive", tokyo("2024-06-11 18:00"))
+    finally:
+        peer.close()
+    key = ledger_key("b045", "mid_archive", "m064", "line")
+    assert result["sent"] == 1
+    # The push was sent twice, both times under the ledger's retry key.
+    assert peer.keys == [key, key]
