@@ -309,11 +309,15 @@ def due_followup_steps(
     in_window = {key for key in previous if key.split(":")[1] in set(broadcast_ids)}
     requests: dict[str, dg.RunRequest] = {}
     unknown_partitions: set[str] = set()
+    # One query for all keys rather than one per due step.
+    registered = (
+        set(context.instance.get_dynamic_partitions(broadcast_partitions.name)) if due else set()
+    )
     for broadcast_id, step_id, _ in due:
         key = run_key(broadcast_id, step_id)
         if key in previous or key in requests:
             continue
-        if not context.instance.has_dynamic_partition(broadcast_partitions.name, broadcast_id):
+        if broadcast_id not in registered:
             unknown_partitions.add(broadcast_id)
             continue
         requests[key] = dg.RunRequest(
@@ -334,7 +338,9 @@ def due_followup_steps(
             ", ".join(sorted(unknown_partitions)),
         )
     if requests:
-        context.log.info("requesting %s", ", ".join(requests))
+        shown = list(requests)[:10]
+        more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+        context.log.info("requesting %d runs: %s%s", len(requests), ", ".join(shown), more)
         return dg.SensorResult(run_requests=list(requests.values()), cursor=cursor)
 
     upcoming = next_due(store, settings, shop, now)
