@@ -92,6 +92,8 @@ class LineMock:
             action = self.plan.pop(0) if self.plan else "ok"
             if action == "429":
                 return Response('{"message": "rate limited"}', 429, {"Retry-After": "1"})
+            if action == "500":
+                return Response('{"message": "internal error"}', 500)
             if key in self.accepted:
                 headers = {"x-line-accepted-request-id": self.accepted[key]}
                 return Response('{"message": "already accepted"}', 409, headers)
@@ -167,6 +169,16 @@ def test_line_429_honours_retry_after(line):
     assert mock.requests[1]["at"] - mock.requests[0]["at"] >= 1.0
     assert mock.requests[0]["key"] == mock.requests[1]["key"]
     assert harness.ledger_rows().at[0, "status"] == "sent"
+
+
+def test_line_500_retried_with_same_key(line):
+    mock, harness = line
+    mock.plan = ["500"]
+    metadata = harness.run("b028", "hot_thanks_coupon", tokyo("2024-06-10 20:00"))
+    assert metadata["sent"] == 1
+    assert len(mock.requests) == 2
+    assert mock.requests[0]["key"] == mock.requests[1]["key"]
+    assert len(mock.delivered) == 1
 
 
 def test_line_multicast_batches_of_500(line):
