@@ -24,6 +24,7 @@ def test_main_command_prints_reports(tmp_path, monkeypatch, capsys):
         "LIVECRM_SETTINGS",
         "LIVECRM_SOURCE_DIR",
         "LIVECRM_OUTBOX_DIR",
+        "LIVECRM_SCENARIOS",
     ):
         monkeypatch.setenv(name, "")
     (tmp_path / "dagster_home").mkdir()

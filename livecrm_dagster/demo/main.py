@@ -18,11 +18,14 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import yaml
 
 from livecrm_dagster.definitions import defs
 from livecrm_dagster.defs.followups.replay import replay_followups
+from livecrm_dagster.defs.followups.scenarios import scenarios_path
 from livecrm_dagster.defs.reporting.summary import report_line
 from livecrm_dagster.demo.build import build_demo_source
+from livecrm_dagster.demo.simulator import SURVEY_ANSWERS
 from livecrm_dagster.pipeline import pipeline_resources, run_main_job
 from livecrm_dagster.settings import load_settings
 
@@ -57,6 +60,24 @@ def _instance() -> dg.DagsterInstance:
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     return dg.DagsterInstance.from_config(str(PROJECT_ROOT))
+
+
+def _demo_scenarios(folder: Path) -> Path:
+    """Write the default scenarios with a survey map that fits the demo shop's answers.
+
+    The bundled map is written for a cosmetics shop (dry skin -> moisturiser). The
+    simulated viewers answer what they are shopping for, and each answer names one of
+    the demo products' categories, so the demo maps every answer to itself.
+    """
+    raw = yaml.safe_load(scenarios_path(None).read_text(encoding="utf-8"))
+    for scenario in raw["scenarios"].values():
+        for step in scenario["steps"]:
+            if "survey_categories" in step:
+                step["survey_categories"] = {answer: answer for answer in SURVEY_ANSWERS}
+    path = folder / "scenarios.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
 
 
 def _print_reports(kpis, resources, settings) -> None:
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["LIVECRM_SETTINGS"] = str(DEMO_SETTINGS)
     os.environ["LIVECRM_SOURCE_DIR"] = arguments.source_dir
     os.environ["LIVECRM_OUTBOX_DIR"] = arguments.outbox_dir
+    os.environ["LIVECRM_SCENARIOS"] = str(_demo_scenarios(Path(arguments.source_dir).parent))
     resources = pipeline_resources(
         arguments.warehouse_url, arguments.source_dir, str(DEMO_SETTINGS)
     )
