@@ -65,6 +65,10 @@ def column_kinds(name: str) -> dict[str, str]:
     return dict(SCHEMAS[name][0])
 
 
+# Values per IN list, well under PostgreSQL's limit of 65,535 parameters per statement.
+IN_CHUNK = 10_000
+
+
 class Warehouse:
     """Reads and writes the warehouse tables through one SQLAlchemy engine."""
 
@@ -106,13 +110,44 @@ class Warehouse:
     def read(self, name: str, columns: list[str] | None = None, **equals: object) -> pd.DataFrame:
         """Read a table's rows whose columns equal the given values (or are in a list)."""
         table = self.table(name)
-        conditions = [
-            table.c[column].in_(list(value))
-            if isinstance(value, list | tuple | set | frozenset)
-            else table.c[column] == value
-            for column, value in equals.items()
+        conditions, listed = [], None
+        for column, value in equals.items():
+            if isinstance(value, list | tuple | set | frozenset) and listed is None:
+                listed = (column, list(value))
+            elif isinstance(value, list | tuple | set | frozenset):
+                conditions.append(table.c[column].in_(list(value)))
+            else:
+                conditions.append(table.c[column] == value)
+        if listed is None:
+            return self.query(name, *conditions, columns=columns)
+        return self.query_in(name, listed[0], listed[1], *conditions, columns=columns)
+
+    def query_in(
+        self,
+        name: str,
+        column: str,
+        values: Sequence[object],
+        *conditions: sa.ColumnElement[bool],
+        columns: list[str] | None = None,
+    ) -> pd.DataFrame:
+        """Read rows whose `column` is one of `values`, in chunks of `IN_CHUNK` values.
+
+        PostgreSQL takes at most 65,535 parameters in one statement, and a step's audience
+        or a broadcast's orders can list more members than that.
+        """
+        values = list(values)
+        if not values:
+            return self.query(name, sa.false(), columns=columns)
+        parts = [
+            self.query(
+                name,
+                self.table(name).c[column].in_(values[start : start + IN_CHUNK]),
+                *conditions,
+                columns=columns,
+            )
+            for start in range(0, len(values), IN_CHUNK)
         ]
-        return self.query(name, *conditions, columns=columns)
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def query(
         self, name: str, *conditions: sa.ColumnElement[bool], columns: list[str] | None = None

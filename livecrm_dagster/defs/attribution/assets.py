@@ -21,9 +21,10 @@ def other_viewing(store: Warehouse, broadcast_id: str, member_ids: list[str]) ->
     take an order over from this one only once this partition is re-run.
     """
     sessions = store.table("viewing_sessions")
-    watched = store.query(
+    watched = store.query_in(
         "viewing_sessions",
-        sessions.c.member_id.in_(member_ids),
+        "member_id",
+        member_ids,
         sessions.c.broadcast_id != broadcast_id,
         sessions.c.events_inside > 0,
     )
@@ -40,9 +41,10 @@ def _counted_once(store: Warehouse, broadcast_id: str, attribution: pd.DataFrame
     """
     mine = attribution.loc[attribution["counted"].astype(bool), "order_id"].tolist()
     table = store.table("order_attribution")
-    others = store.query(
+    others = store.query_in(
         "order_attribution",
-        table.c.order_id.in_(mine),
+        "order_id",
+        mine,
         table.c.broadcast_id != broadcast_id,
         table.c.counted.is_(True),
     )

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from livecrm_dagster.warehouse import UtcDateTime, create_tables
+from livecrm_dagster.warehouse import IN_CHUNK, UtcDateTime, create_tables
 
 TABLE_NAME = "send_ledger"
 # Fixed namespace of the idempotency keys; changing it would re-send every step.
@@ -149,10 +149,10 @@ class SendLedger:
             {**row, "status": PLANNED, "attempts": 0, "planned_at": now, "updated_at": now}
             for row in rows
         ]
+        # One statement with many parameter sets: SQLAlchemy batches it ("insertmanyvalues")
+        # without compiling a new multi-row VALUES clause for every 500 rows.
         with self.engine.begin() as connection:
-            for start in range(0, len(values), 500):
-                statement = insert(send_ledger).values(values[start : start + 500])
-                connection.execute(statement.on_conflict_do_nothing())
+            connection.execute(insert(send_ledger).on_conflict_do_nothing(), values)
 
     def claim(
         self,
@@ -163,16 +163,95 @@ class SendLedger:
         offer_key: str | None,
         cap_slots: Sequence[str | None],
     ) -> Claim:
-        """Move a row to `sending` for this run, atomically.
+        """Move one row to `sending` for this run, atomically (see `claim_many`)."""
+        return self.claim_many([key], run_id, now, lease, offer_key, cap_slots)[key]
 
-        The UPDATE succeeds only for a claimable row or a `sending` row whose lease ran out
-        (its run died). It fails on the partial unique indexes when the member already has
-        this offer, or every cap slot, taken by a row in flight or sent.
+    def claim_many(
+        self,
+        keys: Sequence[str],
+        run_id: str,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        offer_key: str | None,
+        cap_slots: Sequence[str | None],
+    ) -> dict[str, Claim]:
+        """Move rows to `sending` for this run in one transaction, each row on its own.
+
+        A row's UPDATE succeeds only for a claimable row or a `sending` row whose lease
+        ran out (its run died). It fails on the partial unique indexes when the member
+        already has this offer, or every cap slot, taken by a row in flight or sent. Each
+        row's attempt runs in a savepoint, so one row's conflict leaves the others
+        claimed, and the whole batch costs one commit instead of one per member.
         """
         table = send_ledger
         claimable = table.c.status.in_(CLAIMABLE) | (
             (table.c.status == SENDING) & (table.c.claimed_at < now - lease)
         )
+        claims: dict[str, Claim] = {}
+        with self.engine.begin() as connection:
+            fast = self._claim_together(
+                connection, keys, claimable, run_id, now, offer_key, cap_slots[0]
+            )
+            if fast is not None:
+                return fast
+            for key in keys:
+                claims[key] = self._claim_row(
+                    connection, key, claimable, run_id, now, offer_key, cap_slots
+                )
+        return claims
+
+    def _claim_together(
+        self,
+        connection: sa.Connection,
+        keys: Sequence[str],
+        claimable: sa.ColumnElement[bool],
+        run_id: str,
+        now: dt.datetime,
+        offer_key: str | None,
+        cap_slot: str | None,
+    ) -> dict[str, Claim] | None:
+        """Claim every row with one UPDATE, or return None when a unique index objects.
+
+        Most batches have no conflict, and one statement replaces a round trip per
+        member. On any conflict the savepoint is rolled back, so nothing of the attempt
+        remains and the caller decides row by row.
+        """
+        table = send_ledger
+        statement = (
+            table.update()
+            .where(table.c.idempotency_key.in_(list(keys)), claimable)
+            .values(
+                status=SENDING,
+                run_id=run_id,
+                claimed_at=now,
+                updated_at=now,
+                attempts=table.c.attempts + 1,
+                offer_key=offer_key,
+                cap_slot=cap_slot,
+                reason=None,
+                error=None,
+            )
+            .returning(table.c.idempotency_key, table.c.batch_key)
+        )
+        try:
+            with connection.begin_nested():
+                rows = connection.execute(statement).all()
+        except sa.exc.IntegrityError:
+            return None
+        claimed = {row.idempotency_key: Claim("claimed", row.batch_key) for row in rows}
+        return {key: claimed.get(key, Claim("in_flight_or_sent")) for key in keys}
+
+    def _claim_row(
+        self,
+        connection: sa.Connection,
+        key: str,
+        claimable: sa.ColumnElement[bool],
+        run_id: str,
+        now: dt.datetime,
+        offer_key: str | None,
+        cap_slots: Sequence[str | None],
+    ) -> Claim:
+        table = send_ledger
         for cap_slot in cap_slots:
             statement = (
                 table.update()
@@ -191,7 +270,7 @@ class SendLedger:
                 .returning(table.c.batch_key)
             )
             try:
-                with self.engine.begin() as connection:
+                with connection.begin_nested():
                     row = connection.execute(statement).first()
             except sa.exc.IntegrityError:
                 if offer_key is not None and self._offer_taken(key, offer_key):
@@ -231,16 +310,18 @@ class SendLedger:
     def _finish(self, keys: Sequence[str], run_id: str, now: dt.datetime, **values) -> None:
         # Only the run holding the claim may finish a row; a run whose lease was taken over
         # must not overwrite the newer outcome.
+        keys = list(keys)
         with self.engine.begin() as connection:
-            connection.execute(
-                send_ledger.update()
-                .where(
-                    send_ledger.c.idempotency_key.in_(list(keys)),
-                    send_ledger.c.run_id == run_id,
-                    send_ledger.c.status == SENDING,
+            for start in range(0, len(keys), IN_CHUNK):
+                connection.execute(
+                    send_ledger.update()
+                    .where(
+                        send_ledger.c.idempotency_key.in_(keys[start : start + IN_CHUNK]),
+                        send_ledger.c.run_id == run_id,
+                        send_ledger.c.status == SENDING,
+                    )
+                    .values(updated_at=now, **values)
                 )
-                .values(updated_at=now, **values)
-            )
 
     def record_outcome(
         self, key: str, status: str, reason: str | None, run_id: str, now: dt.datetime

@@ -63,6 +63,8 @@ class StepResult:
 
 
 ChannelFactory = Callable[[str], Channel]
+# Ledger rows claimed per transaction.
+CLAIM_BATCH = 500
 
 
 def run_step(
@@ -181,9 +183,10 @@ def _buyers_since(
         return set()
     since = broadcast["starts_at" if step.exclude_buyers_since == "broadcast_start" else "ends_at"]
     orders = warehouse.table("orders")
-    paid = warehouse.query(
+    paid = warehouse.query_in(
         "orders",
-        orders.c.member_id.in_(member_ids),
+        "member_id",
+        member_ids,
         orders.c.status == "paid",
         orders.c.paid_at >= since.to_pydatetime(),
         orders.c.paid_at <= now,
@@ -382,11 +385,19 @@ def _apply(
     )
     lease = dt.timedelta(minutes=inputs.settings.sending_lease_minutes)
 
+    sending = [keys[d.member_id] for d in decisions if d.action == rules.SEND]
+    claims: dict = {}
+    # All claims commit before the first request leaves, as before; batching them only
+    # saves a commit per member.
+    for start in range(0, len(sending), CLAIM_BATCH):
+        chunk = sending[start : start + CLAIM_BATCH]
+        claims.update(ledger.claim_many(chunk, run_id, now, lease, offer_key, cap_slots))
+
     to_send: list[tuple[rules.Decision, str | None]] = []
     for decision in decisions:
         key = keys[decision.member_id]
         if decision.action == rules.SEND:
-            claim = ledger.claim(key, run_id, now, lease, offer_key, cap_slots)
+            claim = claims[key]
             if claim.outcome == "claimed":
                 to_send.append((decision, claim.batch_key))
                 continue
