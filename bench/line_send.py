@@ -1,6 +1,6 @@
 """Time one follow-up step sent to many members through a LINE mock with multicast.
 
-The mock listens on 127.0.0.1, answers each request after `--latency-ms`, and records
+The mock listens on 127.0.0.1, responds to each request after `--latency-ms`, and records
 every recipient. The step `mid_archive` is switched to the `line_multicast` channel
 (batches of up to 500 user IDs) and run once with the product's `run_step` against a
 fresh PostgreSQL warehouse. Before the rate is printed, the run is checked: every
