@@ -2,6 +2,7 @@
 
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def test_line_multicast_batches_of_500(line):
 
 
 KILL_SCRIPT = """
-import os, sys
+import os, signal, sys
 import requests.adapters
 from tests.test_followups_support import Harness, tokyo
 
@@ -216,7 +217,7 @@ original = requests.adapters.HTTPAdapter.send
 def send_then_die(self, request, **kwargs):
     if {after}:
         original(self, request, **kwargs)
-    os._exit(7)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 requests.adapters.HTTPAdapter.send = send_then_die
 harness = Harness(*{harness_args})
@@ -225,7 +226,7 @@ harness.run({broadcast!r}, {step!r}, tokyo({now!r}))
 
 
 def run_killed(tmp_path: Path, harness: Harness, broadcast: str, step: str, now: str, after: bool):
-    """Run a step in a child process that dies just before or just after its first request."""
+    """Run a step in a child process that is SIGKILLed just before or after its first request."""
     channels = harness.channels.model_dump()
     channels.pop("outbox_dir")
     args = f"(__import__('pathlib').Path({str(tmp_path)!r}), None, {harness.scenarios_path!r})"
@@ -242,7 +243,8 @@ def run_killed(tmp_path: Path, harness: Harness, broadcast: str, step: str, now:
         text=True,
         timeout=120,
     )
-    assert child.returncode == 7, child.stderr[-2000:]
+    # A negative return code is the signal that ended the child.
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
 def test_line_killed_after_request_rerun_gets_409(line, tmp_path):
