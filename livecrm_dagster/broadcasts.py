@@ -7,6 +7,8 @@ import pandas as pd
 
 from livecrm_dagster.defs.attribution.attribute import Broadcast
 from livecrm_dagster.defs.ingestion.contract import invalid_broadcast_id_reason
+from livecrm_dagster.defs.segments.segment import followup_audience
+from livecrm_dagster.settings import TierSettings
 from livecrm_dagster.warehouse import Warehouse
 
 
@@ -25,6 +27,31 @@ def scheduled_broadcast(warehouse: Warehouse, broadcast_id: str) -> Broadcast:
         )
     row = rows.iloc[0]
     return Broadcast(broadcast_id, row["starts_at"], row["ends_at"])
+
+
+def audience_of(
+    store: Warehouse,
+    broadcast_id: str,
+    summary: pd.DataFrame,
+    attribution: pd.DataFrame,
+    tiers: TierSettings,
+) -> pd.DataFrame:
+    """Build a broadcast's follow-up audience from its summary, orders and survey answers."""
+    answers = store.read(
+        "raw_viewer_events",
+        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
+        broadcast_id=broadcast_id,
+        type="answer",
+    )
+    return followup_audience(
+        summary,
+        attribution,
+        answers,
+        hot_rate=tiers.hot_rate,
+        mid_rate=tiers.mid_rate,
+        hot_min_chats=tiers.hot_min_chats,
+        coupon_rate=tiers.coupon_rate,
+    )
 
 
 def write_quarantine(

@@ -18,7 +18,7 @@ DEFAULT_SOURCE_DIR = "data/source"
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The SQL warehouse: SQLite by default, PostgreSQL when the URL says so."""
+    """The SQL warehouse: SQLite by default, PostgreSQL when the URL names it."""
 
     url: str = DEFAULT_WAREHOUSE_URL
     _warehouse: Warehouse | None = PrivateAttr(default=None)
@@ -41,7 +41,7 @@ class ShopSettingsResource(dg.ConfigurableResource):
 
 
 class SourceResource(dg.ConfigurableResource):
-    """Where inputs are read: a folder of file drops, and optionally the shop's database.
+    """The input sources: a folder of file drops, and optionally the shop's database.
 
     When `orders_url` is set, orders come from that database through SQLAlchemy with
     `orders_query`, which must return the contract's order-line columns.

@@ -5,7 +5,7 @@ viewing side is simulated (see docs/demo-data.md). Everything runs in this proce
 the embedded default: a SQLite warehouse and the local Dagster instance of dagster.yaml,
 so `dagster dev` afterwards shows the same runs and materializations. The follow-up
 steps then run on a simulated clock through the same sensor and asset as in production,
-writing the file outbox; the send ledger keeps a second run from sending anything again.
+writing the file outbox. The send ledger keeps a second run from sending anything again.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def failed_upstream_checks(
     """Return the asset checks whose latest evaluation for the broadcast failed.
 
     The checks are those named in the scenarios' `blocking_checks`, and every check of an
-    upstream asset when the run knows its code location's asset graph. Only checks
+    upstream asset when the run has its code location's asset graph. Only checks
     evaluated per partition (the broadcast as partition key) are seen, and checks of WARN
     severity do not block.
     """

@@ -84,6 +84,23 @@ sa.Index(
 sa.Index("ix_send_ledger_member", send_ledger.c.member_id, send_ledger.c.status)
 
 
+def _claim_values(
+    run_id: str, now: dt.datetime, offer_key: str | None, cap_slot: str | None
+) -> dict:
+    """Return the column values that move a row to `sending` for a run."""
+    return {
+        "status": SENDING,
+        "run_id": run_id,
+        "claimed_at": now,
+        "updated_at": now,
+        "attempts": send_ledger.c.attempts + 1,
+        "offer_key": offer_key,
+        "cap_slot": cap_slot,
+        "reason": None,
+        "error": None,
+    }
+
+
 def ledger_key(broadcast_id: str, step_id: str, member_id: str, channel: str) -> str:
     """Return the idempotency key of a ledger row: a UUID5 of its four key columns."""
     name = "\x1f".join((broadcast_id, step_id, member_id, channel))
@@ -220,17 +237,7 @@ class SendLedger:
         statement = (
             table.update()
             .where(table.c.idempotency_key.in_(list(keys)), claimable)
-            .values(
-                status=SENDING,
-                run_id=run_id,
-                claimed_at=now,
-                updated_at=now,
-                attempts=table.c.attempts + 1,
-                offer_key=offer_key,
-                cap_slot=cap_slot,
-                reason=None,
-                error=None,
-            )
+            .values(**_claim_values(run_id, now, offer_key, cap_slot))
             .returning(table.c.idempotency_key, table.c.batch_key)
         )
         try:
@@ -256,17 +263,7 @@ class SendLedger:
             statement = (
                 table.update()
                 .where(table.c.idempotency_key == key, claimable)
-                .values(
-                    status=SENDING,
-                    run_id=run_id,
-                    claimed_at=now,
-                    updated_at=now,
-                    attempts=table.c.attempts + 1,
-                    offer_key=offer_key,
-                    cap_slot=cap_slot,
-                    reason=None,
-                    error=None,
-                )
+                .values(**_claim_values(run_id, now, offer_key, cap_slot))
                 .returning(table.c.batch_key)
             )
             try:

@@ -202,8 +202,8 @@ def _unplaced_events(source: SourceResource, known: set[str]) -> pd.DataFrame:
 def _event_rows(source: SourceResource, broadcast_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the broadcast's events: rows of shared files, plus its own sub-folder's files.
 
-    Files directly in `viewer_events/` may mix broadcasts and are filtered by
-    broadcast_id; a sub-folder named after a broadcast contains that broadcast's events
+    Files directly in `viewer_events/` may mix broadcasts, so they are filtered by
+    broadcast_id. A sub-folder named after a broadcast contains that broadcast's events
     only, so reading one partition does not parse every other broadcast's files.
     """
     folder = source.input_folder("viewer_events")

@@ -64,7 +64,7 @@ def validate_viewer_events(
     Rows of other broadcasts are expected to be filtered out by the caller, except in
     files that belong to this broadcast, where they are quarantined. Events further
     than `implausible_hours` from the broadcast are quarantined: a device clock years
-    off or a tab woken the next day says nothing about this broadcast.
+    off or a tab woken the next day tells nothing about this broadcast.
     """
     rows = rows.reset_index(drop=True)
     checker = RowChecker(rows, "viewer_events", "event_id")

@@ -168,7 +168,7 @@ def net_order_lines(lines: pd.DataFrame, credit_notes: pd.DataFrame) -> pd.DataF
     """Add refunded and net quantities and the net amount to each sales order line.
 
     A cancelled or refunded order nets to zero. A credit note refunds units of a product
-    of the order it names, so those units leave the earliest lines of that product; a
+    of the order it names, so those units leave the earliest lines of that product. A
     refund larger than what was bought cannot take the net below zero.
     """
     sales = lines.loc[lines["refund_of"] == ""].copy()

@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from livecrm_dagster.broadcasts import scheduled_broadcast
+from livecrm_dagster.broadcasts import audience_of, scheduled_broadcast
 from livecrm_dagster.defs.attribution.assets import order_attribution
 from livecrm_dagster.defs.ingestion.assets import members, raw_viewer_events
 from livecrm_dagster.defs.partitions import broadcast_partitions
@@ -18,7 +18,6 @@ from livecrm_dagster.defs.reporting.summary import (
 from livecrm_dagster.defs.reporting.summary import (
     viewer_summary as summarize,
 )
-from livecrm_dagster.defs.segments.segment import followup_audience as build_audience
 from livecrm_dagster.defs.sessions.assets import viewing_sessions
 from livecrm_dagster.defs.sessions.sessionize import watched_by_member
 from livecrm_dagster.quality import CheckOutcome, check_spec, record_checks
@@ -194,21 +193,7 @@ def broadcast_kpis(
         broadcast_id=broadcast.broadcast_id,
         type="product_click",
     )
-    answers = store.read(
-        "raw_viewer_events",
-        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
-        broadcast_id=broadcast.broadcast_id,
-        type="answer",
-    )
-    audience = build_audience(
-        summary,
-        attribution,
-        answers,
-        hot_rate=shop.tiers.hot_rate,
-        mid_rate=shop.tiers.mid_rate,
-        hot_min_chats=shop.tiers.hot_min_chats,
-        coupon_rate=shop.tiers.coupon_rate,
-    )
+    audience = audience_of(store, broadcast.broadcast_id, summary, attribution, shop.tiers)
     timeline, histogram, peak = broadcast_charts(
         sessions,
         clicks,

@@ -123,7 +123,7 @@ def viewing_rate_histogram(
 ) -> pd.DataFrame:
     """Count viewing members per viewing-rate bin and tier.
 
-    Bin k holds rates in [k / bins, (k + 1) / bins), and the last bin also holds 1.0.
+    Bin k contains rates in [k / bins, (k + 1) / bins), and the last bin also contains 1.0.
     Members of `summary` without a tier in `audience` are left out. Returns int64 counts
     with one row per bin, labelled like "40-50%", and one column per tier.
     """

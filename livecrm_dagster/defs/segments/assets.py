@@ -2,12 +2,11 @@
 
 import dagster as dg
 
-from livecrm_dagster.broadcasts import scheduled_broadcast
+from livecrm_dagster.broadcasts import audience_of, scheduled_broadcast
 from livecrm_dagster.defs.attribution.assets import order_attribution
 from livecrm_dagster.defs.partitions import broadcast_partitions
 from livecrm_dagster.defs.reporting.assets import viewer_summary
 from livecrm_dagster.defs.segments.segment import SEGMENTS
-from livecrm_dagster.defs.segments.segment import followup_audience as build_audience
 from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
 
 
@@ -27,22 +26,7 @@ def followup_audience(
     broadcast = scheduled_broadcast(store, context.partition_key)
     summary = store.read_partition("viewer_summary", broadcast.broadcast_id)
     attribution = store.read_partition("order_attribution", broadcast.broadcast_id)
-    answers = store.read(
-        "raw_viewer_events",
-        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
-        broadcast_id=broadcast.broadcast_id,
-        type="answer",
-    )
-
-    audience = build_audience(
-        summary,
-        attribution,
-        answers,
-        hot_rate=tiers.hot_rate,
-        mid_rate=tiers.mid_rate,
-        hot_min_chats=tiers.hot_min_chats,
-        coupon_rate=tiers.coupon_rate,
-    )
+    audience = audience_of(store, broadcast.broadcast_id, summary, attribution, tiers)
 
     store.replace_partition("followup_audience", broadcast.broadcast_id, audience)
     sizes = audience.groupby("segment")["member_id"].nunique().reindex(SEGMENTS, fill_value=0)
