@@ -142,6 +142,7 @@ def test_definitions_public_names():
         job.name for job in repository.get_all_jobs() if not job.name.startswith("__")
     ) == [
         "broadcast_analytics",
+        "broadcast_analytics_celery",
         "followup_send_job",
         "reference_data",
     ]

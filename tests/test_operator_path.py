@@ -170,12 +170,7 @@ class Deployment:
         return body["data"]
 
     def server_logs(self, lines: int = 40) -> str:
-        """Return the last lines of each server's log, for failure messages."""
-        tails = []
-        for path in sorted(self.logs_dir.glob("*.log")):
-            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            tails.append(f"--- {path.name} ---\n" + "\n".join(text[-lines:]))
-        return "\n".join(tails)
+        return log_tails(self.logs_dir, lines)
 
     def asset_keys(self) -> set[str]:
         nodes = self.graphql(ASSET_KEYS)["assetNodes"]
@@ -255,24 +250,37 @@ class Deployment:
         )
 
     def stop(self) -> None:
-        """Stop the process group: SIGTERM, then SIGKILL after STOP_TIMEOUT seconds."""
-        if not self.processes:
-            return
-        group = self.processes[0].pid
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while time.monotonic() < deadline and _group_alive(group):
-                for process in self.processes:
-                    process.poll()
-                time.sleep(0.2)
-            if not _group_alive(group):
-                break
-        for process in self.processes:
-            process.wait(timeout=STOP_TIMEOUT)
+        stop_process_group(self.processes)
+
+
+def stop_process_group(processes: list[subprocess.Popen]) -> None:
+    """Stop the group the first process leads: SIGTERM, then SIGKILL after STOP_TIMEOUT s."""
+    if not processes:
+        return
+    group = processes[0].pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and _group_alive(group):
+            for process in processes:
+                process.poll()
+            time.sleep(0.2)
+        if not _group_alive(group):
+            break
+    for process in processes:
+        process.wait(timeout=STOP_TIMEOUT)
+
+
+def log_tails(logs_dir: Path, lines: int = 40) -> str:
+    """Return the last lines of each log file in `logs_dir`, for failure messages."""
+    tails = []
+    for path in sorted(logs_dir.glob("*.log")):
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        tails.append(f"--- {path.name} ---\n" + "\n".join(text[-lines:]))
+    return "\n".join(tails)
 
 
 def _group_alive(group: int) -> bool:
