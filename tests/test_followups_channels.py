@@ -266,6 +266,40 @@ def test_line_killed_after_request_rerun_gets_409(line, tmp_path):
     assert row["request_id"] == mock.accepted[mock.requests[0]["key"]]
 
 
+def test_line_multicast_takeover_resends_batches(line, tmp_path):
+    """A multicast run dies after its first request. The run that takes the rows over sends
+    each recorded batch again, with its key and member list, and LINE delivers each once."""
+    mock, harness = line
+    members = [f"x{n:04d}" for n in range(1201)]
+    load(
+        harness.store,
+        members=[member(m) for m in members],
+        followup_audience=[audience_row("b028", "mid", m) for m in members],
+    )
+    run_killed(tmp_path, harness, "b028", "mid_archive", "2024-06-11 18:00", after=True)
+    assert len(mock.requests) == 1
+    first = mock.requests[0]
+    rows = harness.ledger_rows()
+    rows = rows.loc[rows["step_id"] == "mid_archive"]
+    assert (rows["status"] == "sending").all()
+    recorded = rows.groupby("batch_key")["member_id"].apply(sorted).to_dict()
+    assert sorted(map(len, recorded.values())) == [201, 500, 500]
+    assert first["key"] in recorded
+
+    later = harness.run("b028", "mid_archive", tokyo("2024-06-11 18:11"))
+
+    assert later["sent"] == 1201
+    resent = {r["key"]: r["to"] for r in mock.requests[1:]}
+    assert len(mock.requests) == 4
+    assert resent[first["key"]] == first["to"]
+    assert {key: sorted(to) for key, to in resent.items()} == {
+        key: sorted(f"U{m}" for m in batch) for key, batch in recorded.items()
+    }
+    assert sorted(u for batch in mock.delivered for u in batch) == [f"U{m}" for m in members]
+    rows = harness.ledger_rows()
+    assert (rows.loc[rows["step_id"] == "mid_archive", "status"] == "sent").all()
+
+
 class WebhookMock:
     """A webhook receiver that checks the signature and de-duplicates on Idempotency-Key."""
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 
-from livecrm_dagster.warehouse import IN_CHUNK, UtcDateTime, create_tables
+from livecrm_dagster.defs.followups.sql_lists import any_of
+from livecrm_dagster.warehouse import UtcDateTime, create_tables
 
 TABLE_NAME = "send_ledger"
 # Fixed namespace of the idempotency keys; changing it would re-send every step.
@@ -84,21 +85,90 @@ sa.Index(
 sa.Index("ix_send_ledger_member", send_ledger.c.member_id, send_ledger.c.status)
 
 
-def _claim_values(
-    run_id: str, now: dt.datetime, offer_key: str | None, cap_slot: str | None
-) -> dict:
-    """Return the column values that move a row to `sending` for a run."""
-    return {
-        "status": SENDING,
-        "run_id": run_id,
-        "claimed_at": now,
-        "updated_at": now,
-        "attempts": send_ledger.c.attempts + 1,
-        "offer_key": offer_key,
-        "cap_slot": cap_slot,
-        "reason": None,
-        "error": None,
-    }
+# Rows claimed per transaction: one commit per batch instead of one per member, and a
+# transaction short enough that other steps' claims do not queue behind it for long.
+CLAIM_BATCH = 5_000
+
+
+@dataclass(frozen=True)
+class _ClaimAttempt:
+    """The values that the claims of one run of one step share, and their UPDATE."""
+
+    claimable: sa.ColumnElement[bool]
+    run_id: str
+    now: dt.datetime
+    offer_key: str | None
+    cap_slots: Sequence[str | None]
+
+    def statement(self, rows: sa.ColumnElement[bool], cap_slot: str | None) -> sa.Update:
+        """Return the UPDATE that moves the claimable rows among `rows` to `sending`."""
+        return (
+            send_ledger.update()
+            .where(rows, self.claimable)
+            .values(
+                status=SENDING,
+                run_id=self.run_id,
+                claimed_at=self.now,
+                updated_at=self.now,
+                attempts=send_ledger.c.attempts + 1,
+                offer_key=self.offer_key,
+                cap_slot=cap_slot,
+                reason=None,
+                error=None,
+            )
+            .returning(send_ledger.c.idempotency_key, send_ledger.c.batch_key)
+        )
+
+
+# The columns a caller gives `insert_planned`, which sets the status and times itself.
+PLANNED_COLUMNS = [
+    "idempotency_key",
+    "broadcast_id",
+    "step_id",
+    "member_id",
+    "channel",
+    "segment",
+    "due_at",
+]
+_INSERT_PLANNED_FROM_ARRAYS = sa.text(
+    f"""
+    INSERT INTO {TABLE_NAME} (
+        idempotency_key, broadcast_id, step_id, member_id, channel, segment, due_at,
+        status, attempts, planned_at, updated_at
+    )
+    SELECT planned.*, :status, 0, :now, :now
+    FROM unnest(
+        CAST(:idempotency_key AS text[]), CAST(:broadcast_id AS text[]),
+        CAST(:step_id AS text[]), CAST(:member_id AS text[]), CAST(:channel AS text[]),
+        CAST(:segment AS text[]), CAST(:due_at AS timestamptz[])
+    ) AS planned
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+def _record_statement(
+    rows: sa.ColumnElement[bool], status: str, reason: str | None, run_id: str, now: dt.datetime
+) -> sa.Update:
+    """Return the UPDATE that records one outcome on the rows among `rows` it changes."""
+    table = send_ledger
+    return (
+        table.update()
+        .where(
+            rows,
+            table.c.status.in_((*CLAIMABLE, HOLDOUT)),
+            sa.or_(table.c.status != status, table.c.reason.is_distinct_from(reason)),
+        )
+        .values(status=status, reason=reason, error=None, run_id=run_id, updated_at=now)
+    )
+
+
+def _nullable_list(values: pd.Series) -> list[object]:
+    return values.astype(object).where(values.notna(), None).tolist()
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def ledger_key(broadcast_id: str, step_id: str, member_id: str, channel: str) -> str:
@@ -143,33 +213,46 @@ class SendLedger:
         )
 
     def member_rows(self, member_ids: Sequence[str], statuses: Sequence[str]) -> pd.DataFrame:
-        """Read the rows of some members in some statuses, in chunks to bound the IN list."""
-        frames = []
-        members = list(member_ids)
-        for start in range(0, len(members), 1000):
-            frames.append(
-                self.read(
-                    send_ledger.c.member_id.in_(members[start : start + 1000]),
-                    send_ledger.c.status.in_(list(statuses)),
-                )
-            )
-        if not frames:
+        """Read the rows of some members in some statuses."""
+        matches = any_of(send_ledger.c.member_id, member_ids, self.dialect)
+        if not matches:
             return self.read(sa.false())
-        return pd.concat(frames, ignore_index=True)
+        in_statuses = send_ledger.c.status.in_(list(statuses))
+        frames = [self.read(match, in_statuses) for match in matches]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
-    def insert_planned(self, rows: Sequence[dict], now: dt.datetime) -> None:
-        """Insert `planned` rows and commit; rows that exist already are left untouched."""
-        if not rows:
+    def insert_planned(self, rows: Sequence[dict] | pd.DataFrame, now: dt.datetime) -> None:
+        """Insert `planned` rows and commit; rows that exist already are left untouched.
+
+        Each row has the columns `idempotency_key`, `broadcast_id`, `step_id`, `member_id`,
+        `channel`, `segment` and optionally `due_at`.
+        """
+        frame = pd.DataFrame(rows, columns=PLANNED_COLUMNS)
+        if frame.empty:
             return
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        if self.dialect == "postgresql":
+            self._insert_planned_postgres(frame, now)
+            return
         values = [
             {**row, "status": PLANNED, "attempts": 0, "planned_at": now, "updated_at": now}
-            for row in rows
+            for row in _records(frame)
         ]
-        # One statement with many parameter sets: SQLAlchemy batches it ("insertmanyvalues")
-        # without compiling a new multi-row VALUES clause for every 500 rows.
         with self.engine.begin() as connection:
-            connection.execute(insert(send_ledger).on_conflict_do_nothing(), values)
+            connection.execute(sqlite.insert(send_ledger).on_conflict_do_nothing(), values)
+
+    def _insert_planned_postgres(self, frame: pd.DataFrame, now: dt.datetime) -> None:
+        # One INSERT from column arrays: a statement per row, or a VALUES list compiled by
+        # SQLAlchemy, costs seconds for 100,000 members.
+        utc = UtcDateTime()
+        arrays = {column: _nullable_list(frame[column]) for column in PLANNED_COLUMNS[:-1]}
+        arrays["due_at"] = [utc.process_bind_param(v, self.engine.dialect) for v in frame["due_at"]]
+        parameters = {
+            **arrays,
+            "status": PLANNED,
+            "now": utc.process_bind_param(now, self.engine.dialect),
+        }
+        with self.engine.begin() as connection:
+            connection.execute(_INSERT_PLANNED_FROM_ARRAYS, parameters)
 
     def claim(
         self,
@@ -192,85 +275,75 @@ class SendLedger:
         offer_key: str | None,
         cap_slots: Sequence[str | None],
     ) -> dict[str, Claim]:
-        """Move rows to `sending` for this run in one transaction, each row on its own.
+        """Move rows to `sending` for this run, each row on its own, and commit.
 
         A row's UPDATE succeeds only for a claimable row or a `sending` row whose lease
         ran out (its run died). It fails on the partial unique indexes when the member
-        already has this offer, or every cap slot, taken by a row in flight or sent. Each
-        row's attempt runs in a savepoint, so one row's conflict leaves the others
-        claimed, and the whole batch costs one commit instead of one per member.
+        already has this offer, or every cap slot, taken by a row in flight or sent. Rows
+        are claimed in transactions of `CLAIM_BATCH` rows, so a batch costs one commit
+        instead of one per member, and every claim has committed when this returns.
         """
+        keys = list(keys)
         table = send_ledger
         claimable = table.c.status.in_(CLAIMABLE) | (
             (table.c.status == SENDING) & (table.c.claimed_at < now - lease)
         )
+        claim = _ClaimAttempt(claimable, run_id, now, offer_key, list(cap_slots))
         claims: dict[str, Claim] = {}
-        with self.engine.begin() as connection:
-            fast = self._claim_together(
-                connection, keys, claimable, run_id, now, offer_key, cap_slots[0]
-            )
-            if fast is not None:
-                return fast
-            for key in keys:
-                claims[key] = self._claim_row(
-                    connection, key, claimable, run_id, now, offer_key, cap_slots
-                )
+        for start in range(0, len(keys), CLAIM_BATCH):
+            with self.engine.begin() as connection:
+                self._claim_group(connection, keys[start : start + CLAIM_BATCH], claim, claims)
         return claims
 
-    def _claim_together(
+    def _claim_group(
         self,
         connection: sa.Connection,
-        keys: Sequence[str],
-        claimable: sa.ColumnElement[bool],
-        run_id: str,
-        now: dt.datetime,
-        offer_key: str | None,
-        cap_slot: str | None,
-    ) -> dict[str, Claim] | None:
-        """Claim every row with one UPDATE, or return None when a unique index objects.
+        keys: list[str],
+        claim: _ClaimAttempt,
+        claims: dict[str, Claim],
+    ) -> None:
+        """Claim a group of rows with one UPDATE, and split the group when an index objects.
 
-        Most batches have no conflict, and one statement replaces a round trip per
-        member. On any conflict the savepoint is rolled back, so nothing of the attempt
-        remains and the caller decides row by row.
+        Most groups have no conflict, and one statement replaces a round trip per member.
+        On a conflict the savepoint is rolled back, so nothing of the attempt remains, and
+        each half is tried again, down to single rows that try every cap slot. A
+        conflicting row thus costs about 2 * log2(len(keys)) statements. The outcome is the
+        same as claiming the rows one by one in order, because a group that succeeds gives
+        each row the first cap slot, as a single claim without a conflict would.
         """
-        table = send_ledger
-        statement = (
-            table.update()
-            .where(table.c.idempotency_key.in_(list(keys)), claimable)
-            .values(**_claim_values(run_id, now, offer_key, cap_slot))
-            .returning(table.c.idempotency_key, table.c.batch_key)
-        )
+        if len(keys) == 1:
+            claims[keys[0]] = self._claim_row(connection, keys[0], claim)
+            return
+        together = self._claim_together(connection, keys, claim)
+        if together is not None:
+            claims.update(together)
+            return
+        middle = len(keys) // 2
+        self._claim_group(connection, keys[:middle], claim, claims)
+        self._claim_group(connection, keys[middle:], claim, claims)
+
+    def _claim_together(
+        self, connection: sa.Connection, keys: list[str], claim: _ClaimAttempt
+    ) -> dict[str, Claim] | None:
+        """Claim every row with the first cap slot, or return None when an index objects."""
+        # A group has at most CLAIM_BATCH keys, so SQLite's IN lists fit one statement.
+        in_group = sa.or_(*any_of(send_ledger.c.idempotency_key, keys, self.dialect))
         try:
             with connection.begin_nested():
-                rows = connection.execute(statement).all()
+                rows = connection.execute(claim.statement(in_group, claim.cap_slots[0])).all()
         except sa.exc.IntegrityError:
             return None
         claimed = {row.idempotency_key: Claim("claimed", row.batch_key) for row in rows}
         return {key: claimed.get(key, Claim("in_flight_or_sent")) for key in keys}
 
-    def _claim_row(
-        self,
-        connection: sa.Connection,
-        key: str,
-        claimable: sa.ColumnElement[bool],
-        run_id: str,
-        now: dt.datetime,
-        offer_key: str | None,
-        cap_slots: Sequence[str | None],
-    ) -> Claim:
-        table = send_ledger
-        for cap_slot in cap_slots:
-            statement = (
-                table.update()
-                .where(table.c.idempotency_key == key, claimable)
-                .values(**_claim_values(run_id, now, offer_key, cap_slot))
-                .returning(table.c.batch_key)
-            )
+    def _claim_row(self, connection: sa.Connection, key: str, claim: _ClaimAttempt) -> Claim:
+        for cap_slot in claim.cap_slots:
+            statement = claim.statement(send_ledger.c.idempotency_key == key, cap_slot)
             try:
                 with connection.begin_nested():
                     row = connection.execute(statement).first()
             except sa.exc.IntegrityError:
-                if offer_key is not None and self._offer_taken(key, offer_key):
+                if claim.offer_key is not None and self._offer_taken(key, claim.offer_key):
                     return Claim("duplicate_offer")
                 continue
             if row is None:
@@ -279,22 +352,37 @@ class SendLedger:
         return Claim("frequency_cap")
 
     def _offer_taken(self, key: str, offer_key: str) -> bool:
+        """Tell whether the row's own member holds the offer through another row.
+
+        Only then did the claim fail on the offer index; otherwise it was the cap.
+        """
+        member = (
+            sa.select(send_ledger.c.member_id)
+            .where(send_ledger.c.idempotency_key == key)
+            .scalar_subquery()
+        )
         rows = self.read(
+            send_ledger.c.member_id == member,
             send_ledger.c.offer_key == offer_key,
             send_ledger.c.status.in_(IN_FLIGHT_OR_SENT),
             send_ledger.c.idempotency_key != key,
         )
         return not rows.empty
 
-    def set_batch(self, keys: Sequence[str], batch: str, run_id: str) -> None:
+    def set_batches(self, batches: Sequence[tuple[Sequence[str], str]], run_id: str) -> None:
+        """Record each batch's key on its rows claimed by this run, in one transaction.
+
+        `batches` contains (row keys, batch key) pairs. The caller records them before the
+        first request, so a run that takes over after a crash resends a batch under its key.
+        """
         with self.engine.begin() as connection:
-            connection.execute(
-                send_ledger.update()
-                .where(
-                    send_ledger.c.idempotency_key.in_(list(keys)), send_ledger.c.run_id == run_id
-                )
-                .values(batch_key=batch)
-            )
+            for keys, batch in batches:
+                for match in any_of(send_ledger.c.idempotency_key, keys, self.dialect):
+                    connection.execute(
+                        send_ledger.update()
+                        .where(match, send_ledger.c.run_id == run_id)
+                        .values(batch_key=batch)
+                    )
 
     def mark_sent(
         self, keys: Sequence[str], run_id: str, now: dt.datetime, request_id: str | None
@@ -307,40 +395,41 @@ class SendLedger:
     def _finish(self, keys: Sequence[str], run_id: str, now: dt.datetime, **values) -> None:
         # Only the run holding the claim may finish a row; a run whose lease was taken over
         # must not overwrite the newer outcome.
-        keys = list(keys)
         with self.engine.begin() as connection:
-            for start in range(0, len(keys), IN_CHUNK):
+            for match in any_of(send_ledger.c.idempotency_key, keys, self.dialect):
                 connection.execute(
                     send_ledger.update()
-                    .where(
-                        send_ledger.c.idempotency_key.in_(keys[start : start + IN_CHUNK]),
-                        send_ledger.c.run_id == run_id,
-                        send_ledger.c.status == SENDING,
-                    )
+                    .where(match, send_ledger.c.run_id == run_id, send_ledger.c.status == SENDING)
                     .values(updated_at=now, **values)
                 )
 
     def record_outcome(
         self, key: str, status: str, reason: str | None, run_id: str, now: dt.datetime
     ) -> bool:
-        """Record a skip or a holdout on a row that is not in flight or sent.
+        """Record a skip or a holdout on one row as `record_outcomes` does, and return
+        whether the row changed."""
+        outcome = pd.DataFrame({"idempotency_key": [key], "status": [status], "reason": [reason]})
+        return self.record_outcomes(outcome, run_id, now) > 0
 
-        A row whose status and reason are already these is left unchanged, so a re-check
-        that reaches the same decision keeps the original timestamps. Returns whether the
-        row was changed.
+    def record_outcomes(self, outcomes: pd.DataFrame, run_id: str, now: dt.datetime) -> int:
+        """Record skips and holdouts on rows that are not in flight or sent, in one transaction.
+
+        `outcomes` has the columns `idempotency_key`, `status` and `reason`. A row whose
+        status and reason are already these is left unchanged, so a re-check that reaches
+        the same decision keeps the original timestamps. Returns the number of rows changed.
         """
-        table = send_ledger
-        statement = (
-            table.update()
-            .where(
-                table.c.idempotency_key == key,
-                table.c.status.in_((*CLAIMABLE, HOLDOUT)),
-                sa.or_(table.c.status != status, table.c.reason.is_distinct_from(reason)),
-            )
-            .values(status=status, reason=reason, error=None, run_id=run_id, updated_at=now)
-        )
+        if outcomes.empty:
+            return 0
+        changed = 0
+        groups = outcomes.groupby(["status", "reason"], dropna=False, sort=False)
         with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount > 0
+            for (status, reason), group in groups:
+                reason = None if pd.isna(reason) else reason
+                keys = group["idempotency_key"]
+                for match in any_of(send_ledger.c.idempotency_key, keys, self.dialect):
+                    statement = _record_statement(match, status, reason, run_id, now)
+                    changed += connection.execute(statement).rowcount
+        return changed
 
     @contextlib.contextmanager
     def step_lock(self, broadcast_id: str, step_id: str) -> Iterator[None]:

@@ -7,31 +7,28 @@ The ledger row of every member is committed as `planned` before any request, cla
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from livecrm_dagster.defs.followups import rules
-from livecrm_dagster.defs.followups.channels import Channel, ChannelError, Message
+from livecrm_dagster.defs.followups.delivery import ChannelFactory, deliver
 from livecrm_dagster.defs.followups.ledger import (
     FAILED,
     HOLDOUT,
     IN_FLIGHT_OR_SENT,
     SKIPPED,
+    Claim,
     SendLedger,
-    batch_key,
     ledger_key,
 )
 from livecrm_dagster.defs.followups.plan import shop_day, step_timing
 from livecrm_dagster.defs.followups.scenarios import FollowupSettings, Step
+from livecrm_dagster.defs.followups.sql_lists import read_in
 from livecrm_dagster.quality import failed_checks as failed_quality_checks
 from livecrm_dagster.settings import ShopSettings
 from livecrm_dagster.warehouse import Warehouse
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,11 +57,6 @@ class StepResult:
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "deferred": self.deferred,
         }
-
-
-ChannelFactory = Callable[[str], Channel]
-# Ledger rows claimed per transaction.
-CLAIM_BATCH = 500
 
 
 def run_step(
@@ -156,7 +148,7 @@ def step_inputs(
         broadcast=broadcast,
         shop_name=shop.shop_name,
         audience=audience,
-        members=warehouse.read("members", member_id=member_ids).set_index("member_id"),
+        members=read_in(warehouse, "members", "member_id", member_ids).set_index("member_id"),
         products=warehouse.read("products").set_index("product_id"),
         buyers=_buyers_since(warehouse, step, broadcast, member_ids, now),
         step_ledger=pd.DataFrame(),
@@ -183,13 +175,15 @@ def _buyers_since(
         return set()
     since = broadcast["starts_at" if step.exclude_buyers_since == "broadcast_start" else "ends_at"]
     orders = warehouse.table("orders")
-    paid = warehouse.query_in(
+    paid = read_in(
+        warehouse,
         "orders",
         "member_id",
         member_ids,
         orders.c.status == "paid",
         orders.c.paid_at >= since.to_pydatetime(),
         orders.c.paid_at <= now,
+        columns=["member_id"],
     )
     return set(paid["member_id"].dropna())
 
@@ -203,8 +197,14 @@ def _add_cap_context(
     broadcast_id: str,
     member_ids: list[str],
 ) -> None:
-    """Fill what the offer and frequency-cap rules need from the ledger and other steps."""
+    """Fill what the offer and frequency-cap rules need from the ledger and other steps.
+
+    A step without an offer that is exempt from the cap (or runs with the cap off) reads
+    nothing: neither rule could change one of its decisions.
+    """
     step, now, zone = inputs.step, inputs.now, inputs.zone
+    if step.offer is None and not _capped(step, settings):
+        return
     today = shop_day(now, zone).isoformat()
     taken = ledger.member_rows(member_ids, IN_FLIGHT_OR_SENT)
     others = taken.loc[(taken["broadcast_id"] != broadcast_id) | (taken["step_id"] != step.id)]
@@ -214,6 +214,11 @@ def _add_cap_context(
     today_rows = others.loc[others["cap_slot"].fillna("").str.startswith(today + "#")]
     inputs.sent_today = today_rows.groupby("member_id").size().to_dict()
     inputs.outranked_by = _outranked_by(inputs, warehouse, ledger, settings, shop, broadcast_id)
+
+
+def _capped(step: Step, settings: FollowupSettings) -> bool:
+    """Return whether the frequency cap applies to the step."""
+    return step.counts_toward_cap and settings.frequency_cap.messages_per_shop_day > 0
 
 
 def _outranked_by(
@@ -254,7 +259,8 @@ def _outranked_by(
                 and other.offer is not None
                 and other.offer.id == step.offer.id
             )
-            if not same_offer and not (step.counts_toward_cap and other.counts_toward_cap):
+            # Without a shared offer, a competitor matters only to the frequency cap.
+            if not same_offer and not (_capped(step, settings) and other.counts_toward_cap):
                 continue
             if (-other.priority, row.broadcast_id, other.id) >= ours:
                 continue
@@ -324,59 +330,72 @@ def _would_send(
     inputs.audience = inputs.audience.loc[inputs.audience["member_id"].isin(member_ids)]
     step_rows = ledger.step_rows(broadcast_id, step.id)
     inputs.step_ledger = step_rows.loc[step_rows["channel"] == step.channel]
-    return {d.member_id for d in rules.decide(inputs) if d.action == rules.SEND}
+    decisions = rules.decide(inputs)
+    return set(decisions.loc[decisions["action"] == rules.SEND, "member_id"])
 
 
-def _count_dry_run(result: StepResult, decisions: list[rules.Decision]) -> None:
-    for decision in decisions:
-        if decision.action == rules.SEND:
-            result.sent += 1
-        elif decision.action == HOLDOUT:
-            result.holdout += 1
-        else:
-            result.skipped[decision.reason] += 1
-        result.decisions.append(
-            {
-                "member_id": decision.member_id,
-                "segment": decision.segment,
-                "decision": "would_send" if decision.action == rules.SEND else decision.action,
-                "reason": decision.reason,
-                "subject": decision.subject,
-            }
-        )
+def _count_dry_run(result: StepResult, decisions: pd.DataFrame) -> None:
+    action = decisions["action"]
+    result.sent += int((action == rules.SEND).sum())
+    result.holdout += int((action == HOLDOUT).sum())
+    result.skipped.update(_reason_counts(decisions.loc[action == rules.SKIP, "reason"]))
+    listed = decisions.assign(decision=action.where(action != rules.SEND, "would_send"))
+    listed = listed[["member_id", "segment", "decision", "reason", "subject"]]
+    result.decisions.extend(listed.astype(object).where(listed.notna(), None).to_dict("records"))
+
+
+def _reason_counts(reasons: pd.Series) -> dict[str, int]:
+    return {str(reason): int(count) for reason, count in reasons.value_counts().items()}
 
 
 def _apply(
     result: StepResult,
-    decisions: list[rules.Decision],
+    decisions: pd.DataFrame,
     inputs: rules.StepInputs,
     ledger: SendLedger,
     channel_factory: ChannelFactory,
     run_id: str,
 ) -> None:
+    """Write every decision to the ledger, claim the sends, then deliver what was claimed."""
+    step = inputs.step
+    broadcast_id = str(inputs.broadcast["broadcast_id"])
+    ledger_keys = [
+        ledger_key(broadcast_id, step.id, member_id, step.channel)
+        for member_id in decisions["member_id"]
+    ]
+    decisions = decisions.assign(idempotency_key=ledger_keys)
+    unrecorded = decisions.loc[~decisions["recorded"]]
+    planned = unrecorded[["idempotency_key", "member_id", "segment"]].assign(
+        broadcast_id=broadcast_id,
+        step_id=step.id,
+        channel=step.channel,
+        due_at=inputs.timing.due_at,
+    )
+    ledger.insert_planned(planned, inputs.now)
+
+    sends = decisions.loc[decisions["action"] == rules.SEND]
+    keys = sends["idempotency_key"].tolist()
+    claims = _claim(ledger, keys, inputs, run_id)
+    sends = sends.assign(
+        outcome=[claims[key].outcome for key in keys],
+        batch_key=[claims[key].batch_key for key in keys],
+    )
+    to_send = sends.loc[sends["outcome"] == "claimed"]
+    _record_outcomes(result, decisions, sends, ledger, run_id, inputs.now)
+
+    if not to_send.empty:
+        delivered = deliver(to_send, inputs, ledger, channel_factory, run_id)
+        result.sent += delivered.sent
+        result.failed += delivered.failed
+
+
+def _claim(
+    ledger: SendLedger, keys: list[str], inputs: rules.StepInputs, run_id: str
+) -> dict[str, Claim]:
+    """Claim the rows to send with the step's offer and cap slots; every claim commits
+    before the first request leaves."""
     step, now = inputs.step, inputs.now
     broadcast_id = str(inputs.broadcast["broadcast_id"])
-    channel_name = step.channel
-    keys = {
-        d.member_id: ledger_key(broadcast_id, step.id, d.member_id, channel_name) for d in decisions
-    }
-    ledger.insert_planned(
-        [
-            {
-                "idempotency_key": keys[d.member_id],
-                "broadcast_id": broadcast_id,
-                "step_id": step.id,
-                "member_id": d.member_id,
-                "channel": channel_name,
-                "segment": d.segment,
-                "due_at": inputs.timing.due_at,
-            }
-            for d in decisions
-            if not d.recorded
-        ],
-        now,
-    )
-
     offer_key = f"{broadcast_id}:{step.offer.id}" if step.offer else None
     cap = inputs.settings.frequency_cap.messages_per_shop_day
     day = shop_day(now, inputs.zone).isoformat()
@@ -385,134 +404,37 @@ def _apply(
     )
     lease = dt.timedelta(minutes=inputs.settings.sending_lease_minutes)
 
-    sending = [keys[d.member_id] for d in decisions if d.action == rules.SEND]
-    claims: dict = {}
-    # All claims commit before the first request leaves, as before; batching them only
-    # saves a commit per member.
-    for start in range(0, len(sending), CLAIM_BATCH):
-        chunk = sending[start : start + CLAIM_BATCH]
-        claims.update(ledger.claim_many(chunk, run_id, now, lease, offer_key, cap_slots))
-
-    to_send: list[tuple[rules.Decision, str | None]] = []
-    for decision in decisions:
-        key = keys[decision.member_id]
-        if decision.action == rules.SEND:
-            claim = claims[key]
-            if claim.outcome == "claimed":
-                to_send.append((decision, claim.batch_key))
-                continue
-            reason = rules.ALREADY_SENT if claim.outcome == "in_flight_or_sent" else claim.outcome
-            if reason != rules.ALREADY_SENT:
-                ledger.record_outcome(key, rules.SKIP, reason, run_id, now)
-            result.skipped[reason] += 1
-        elif decision.action == HOLDOUT:
-            if not decision.recorded:
-                ledger.record_outcome(key, HOLDOUT, None, run_id, now)
-            result.holdout += 1
-        else:
-            if not decision.recorded:
-                ledger.record_outcome(key, rules.SKIP, decision.reason, run_id, now)
-            result.skipped[decision.reason] += 1
-
-    if to_send:
-        _deliver(result, to_send, inputs, ledger, channel_factory, keys, run_id)
+    return ledger.claim_many(keys, run_id, now, lease, offer_key, cap_slots)
 
 
-def _deliver(
+def _record_outcomes(
     result: StepResult,
-    to_send: list[tuple[rules.Decision, str | None]],
-    inputs: rules.StepInputs,
+    decisions: pd.DataFrame,
+    sends: pd.DataFrame,
     ledger: SendLedger,
-    channel_factory: ChannelFactory,
-    keys: dict[str, str],
     run_id: str,
+    now: dt.datetime,
 ) -> None:
-    step, now = inputs.step, inputs.now
-    broadcast_id = str(inputs.broadcast["broadcast_id"])
-    try:
-        channel = channel_factory(step.channel)
-    except ChannelError as error:
-        claimed = [keys[d.member_id] for d, _ in to_send]
-        ledger.mark_failed(claimed, run_id, now, str(error))
-        result.failed += len(claimed)
-        logger.error(
-            "step %s of %s: channel %s unusable: %s", step.id, broadcast_id, step.channel, error
-        )
-        return
+    """Count every decision, and write the skips and holdouts not yet in the ledger.
 
-    address_column = channel.address_column or "email"
-    expires_at = inputs.timing.expires_at
-    # Machine-readable for the MA tool: ISO 8601 in shop time, with its UTC offset.
-    expires = (
-        pd.Timestamp(expires_at).tz_convert(inputs.zone).isoformat()
-        if expires_at is not None
-        else None
-    )
-    messages = []
-    for decision, previous_batch in to_send:
-        member = inputs.members.loc[decision.member_id]
-        address = rules.text_value(member.get(address_column)) or None
-        message = Message(
-            key=keys[decision.member_id],
-            broadcast_id=broadcast_id,
-            step_id=step.id,
-            member_id=decision.member_id,
-            address=address,
-            subject=decision.subject,
-            text=decision.text,
-            offer_expires_at=expires,
-        )
-        messages.append((message, previous_batch))
-
-    try:
-        for batch, key in _batches(messages, channel.batch_size, ledger, run_id):
-            batch_keys = [m.key for m in batch]
-            try:
-                request_id = channel.send(batch, key)
-            except ChannelError as error:
-                ledger.mark_failed(batch_keys, run_id, now, str(error))
-                result.failed += len(batch)
-                logger.error(
-                    "step %s of %s: %d message(s) failed, key %s: %s",
-                    step.id,
-                    broadcast_id,
-                    len(batch),
-                    key,
-                    error,
-                )
-                continue
-            ledger.mark_sent(batch_keys, run_id, now, request_id)
-            result.sent += len(batch)
-    finally:
-        channel.close()
-
-
-def _batches(
-    messages: list[tuple[Message, str | None]], size: int, ledger: SendLedger, run_id: str
-) -> list[tuple[list[Message], str]]:
-    """Group messages into requests with their idempotency key.
-
-    Single messages use their ledger key. Batches (LINE multicast) share one text. A batch
-    taken over from a run that died keeps its recorded key and member list, so the receiver
-    recognises the retry as the same request.
+    A send whose claim was rejected is skipped with the claim's reason. A row in flight or
+    sent by another run is only counted as `already_sent`: its outcome is that run's.
     """
-    if size == 1:
-        return [([message], message.key) for message, _ in messages]
-    batches: list[tuple[list[Message], str]] = []
-    resumed: dict[str, list[Message]] = {}
-    fresh: dict[tuple[str, str], list[Message]] = {}
-    for message, previous in messages:
-        if previous:
-            resumed.setdefault(previous, []).append(message)
-        else:
-            fresh.setdefault((message.subject, message.text), []).append(message)
-    for key, batch in resumed.items():
-        batches.append((batch, key))
-    for group in fresh.values():
-        for start in range(0, len(group), size):
-            batch = group[start : start + size]
-            key = batch_key(m.key for m in batch)
-            # Record the batch key before the request, so a retry after a crash reuses it.
-            ledger.set_batch([m.key for m in batch], key, run_id)
-            batches.append((batch, key))
-    return batches
+    rejected = sends.loc[sends["outcome"] != "claimed"]
+    rejected_reason = rejected["outcome"].where(
+        rejected["outcome"] != "in_flight_or_sent", rules.ALREADY_SENT
+    )
+    others = decisions.loc[decisions["action"] != rules.SEND]
+    outcomes = pd.concat(
+        [
+            rejected.loc[rejected_reason != rules.ALREADY_SENT].assign(
+                status=rules.SKIP, reason=rejected_reason
+            ),
+            others.loc[~others["recorded"]].assign(status=others["action"]),
+        ]
+    )
+
+    ledger.record_outcomes(outcomes[["idempotency_key", "status", "reason"]], run_id, now)
+    result.skipped.update(_reason_counts(rejected_reason))
+    result.skipped.update(_reason_counts(others.loc[others["action"] == rules.SKIP, "reason"]))
+    result.holdout += int((others["action"] == HOLDOUT).sum())

@@ -37,6 +37,9 @@ class Channel(abc.ABC):
     address_column: str | None = None
     # Largest number of messages in one request; messages in a batch share one text.
     batch_size: int = 1
+    # Whether the receiver delivers a request resent under the same idempotency key once.
+    # Only then may a request leave before the previous request's ledger mark is written.
+    deduplicates_by_key: bool = True
 
     @abc.abstractmethod
     def send(self, messages: Sequence[Message], key: str) -> str | None:

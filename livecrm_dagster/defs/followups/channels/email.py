@@ -19,6 +19,7 @@ class EmailChannel(Channel):
 
     name = "email"
     address_column = "email"
+    deduplicates_by_key = False
 
     def __init__(
         self,
