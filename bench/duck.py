@@ -10,6 +10,8 @@ broadcast. Rows keep the events' order (occurred_at, then event_id) for ties.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import pandas as pd
 
@@ -112,13 +114,13 @@ ORDER BY p.member_id
 
 
 def sessions_and_members(
-    events: pd.DataFrame,
+    events_file: Path,
     starts_at: pd.Timestamp,
     ends_at: pd.Timestamp,
     timeout_seconds: float,
     threads: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (sessions, viewing members) computed by DuckDB from a frame of validated events.
+    """Return (sessions, viewing members) computed by DuckDB from a partition's event file.
 
     Watched time comes back as whole microseconds (`watched_us`), the resolution of the
     stored instants, so the comparison with the pandas result needs no float tolerance.
@@ -126,8 +128,10 @@ def sessions_and_members(
     connection = duckdb.connect()
     if threads:
         connection.execute(f"SET threads = {int(threads)}")
-    connection.register(
-        "events", events[["event_id", "member_id", "device_id", "type", "occurred_at"]]
+    quoted = str(events_file).replace("'", "''")
+    connection.execute(
+        "CREATE VIEW events AS SELECT event_id, member_id, device_id, type, occurred_at "
+        f"FROM read_parquet('{quoted}')"
     )
     parameters = {
         "timeout_us": int(round(timeout_seconds * 1_000_000)),

@@ -20,6 +20,20 @@ import numpy as np
 import pandas as pd
 from generate import BROADCAST_ID, STARTS_AT, Scenario, write_inputs
 
+from livecrm_dagster.event_files import EventFiles
+
+# The columns the `viewing_sessions` and `viewer_summary` assets read from the event files.
+SUMMARY_EVENT_COLUMNS = [
+    "member_id",
+    "device_id",
+    "type",
+    "occurred_at",
+    "product_id",
+    "question_id",
+    "answer",
+    "is_correct",
+]
+
 ZONE = ZoneInfo("Asia/Tokyo")
 TEXT_COLUMNS = [
     "event_id",
@@ -78,15 +92,6 @@ class Recorder:
         print(json.dumps({"stages": self.results, **(extra or {})}))
 
 
-def _events_frame(path: Path) -> pd.DataFrame:
-    """Read validated events back with the dtypes a warehouse read gives (object strings)."""
-    events = pd.read_parquet(path)
-    for column in TEXT_COLUMNS:
-        events[column] = events[column].astype(object)
-    events["is_correct"] = events["is_correct"].astype("boolean")
-    return events
-
-
 def stage_generate(scenario: Scenario, folder: Path) -> None:
     recorder = Recorder()
     counts = recorder.measure("generate", lambda: write_inputs(scenario, folder))
@@ -135,7 +140,7 @@ def stage_prepare(scenario: Scenario, folder: Path) -> None:
     from livecrm_dagster.defs.ingestion.files import read_file
     from livecrm_dagster.defs.ingestion.orders import validate_orders
 
-    prepare_valid_events(scenario, folder).to_parquet(folder / "valid-events.parquet")
+    EventFiles(folder / "events").replace(BROADCAST_ID, prepare_valid_events(scenario, folder))
     order_rows, _ = read_file(folder / "orders.parquet")
     validate_orders(order_rows).lines.to_parquet(folder / "valid-orders.parquet")
     print(json.dumps({"stages": {}}))
@@ -162,7 +167,11 @@ def stage_ingest(scenario: Scenario, folder: Path) -> None:
     shortcut = prepare_valid_events(scenario, folder)
     pd.testing.assert_frame_equal(batch.events, shortcut, check_dtype=False)
     del shortcut
-    batch.events.to_parquet(folder / "valid-events.parquet")
+    recorder.measure(
+        "store raw events",
+        lambda: EventFiles(folder / "events").replace(BROADCAST_ID, batch.events),
+        lambda count: count,
+    )
     order_rows, _ = read_file(folder / "orders.parquet")
     orders = validate_orders(order_rows)
     orders.lines.to_parquet(folder / "valid-orders.parquet")
@@ -215,29 +224,31 @@ def _compare(
     return {"sessions": len(left), "viewing_members": len(members)}
 
 
-def transform_inputs(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Return (validated events, validated order lines, member profiles) for the transforms."""
-    events = _events_frame(folder / "valid-events.parquet")
-    orders = pd.read_parquet(folder / "valid-orders.parquet")
-    for column in ("order_id", "member_id", "status", "product_id", "refund_of"):
-        orders[column] = orders[column].astype(object)
-    members = pd.DataFrame(
-        {
-            "member_id": pd.Series(events["member_id"].unique(), dtype=object),
-        }
-    )
+def member_profiles(events: pd.DataFrame) -> pd.DataFrame:
+    """Return made-up profiles (age, birth date, gender) of the members in the events."""
+    members = pd.DataFrame({"member_id": pd.Series(events["member_id"].unique(), dtype=object)})
     members = members.loc[members["member_id"] != ""].reset_index(drop=True)
     codes = np.arange(len(members))
     members["birth_date"] = np.where(codes % 3 == 0, "", "1990-04-01")
     members["age"] = pd.array(np.where(codes % 3 == 0, 20 + codes % 50, -1), dtype="Int64")
     members.loc[members["age"] < 0, "age"] = pd.NA
     members["gender"] = np.where(codes % 4 == 0, "", np.where(codes % 2 == 0, "female", "male"))
+    return members
 
-    return events, orders, members
+
+def valid_orders(folder: Path) -> pd.DataFrame:
+    orders = pd.read_parquet(folder / "valid-orders.parquet")
+    for column in ("order_id", "member_id", "status", "product_id", "refund_of"):
+        orders[column] = orders[column].astype(object)
+    return orders
 
 
 def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None) -> None:
-    """Sessions, attribution, viewer summary and segments, then the DuckDB check."""
+    """Sessions, attribution, viewer summary and segments, then the DuckDB check.
+
+    Ours starts from the partition's event file, read as the `viewing_sessions` and
+    `viewer_summary` assets read it; DuckDB scans the same file with `read_parquet`.
+    """
     import duck
 
     from livecrm_dagster.defs.attribution.attribute import Broadcast, attribute_orders
@@ -247,15 +258,22 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
     from livecrm_dagster.defs.sessions.sessionize import viewing_sessions, watched_by_member
 
     starts, ends, timeout = STARTS_AT, scenario.ends_at, scenario.timeout_seconds
-    events, orders, members = transform_inputs(folder)
+    files = EventFiles(folder / "events")
+    orders = valid_orders(folder)
 
     recorder = Recorder()
+    events = recorder.measure(
+        "read events",
+        lambda: files.read(BROADCAST_ID, columns=SUMMARY_EVENT_COLUMNS, categorical=True),
+        len,
+    )
     sessions = recorder.measure(
         "sessions", lambda: viewing_sessions(events, starts, ends, timeout), len
     )
     watched = recorder.measure(
         "watched_by_member", lambda: watched_by_member(sessions, starts, ends), len
     )
+    members = member_profiles(events)
 
     def attribute() -> pd.DataFrame:
         window_end = ends + pd.Timedelta(days=7)
@@ -266,7 +284,11 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
         ]
         notes = orders.loc[orders["refund_of"].isin(sales["order_id"])]
         lines = net_order_lines(sales, notes)
-        clicks = events.loc[events["type"] == "product_click"]
+        clicks = files.read(
+            BROADCAST_ID,
+            columns=["member_id", "product_id", "occurred_at"],
+            types=["product_click"],
+        )
         other = pd.DataFrame(
             {
                 "member_id": pd.Series(dtype=object),
@@ -284,14 +306,23 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
         lambda: viewer_summary(events, watched, attribution, members, starts, ZONE),
         len,
     )
+    answers = files.read(
+        BROADCAST_ID,
+        columns=["member_id", "type", "occurred_at", "question_id", "answer", "is_correct"],
+        types=["answer"],
+    )
     audience = recorder.measure(
         "segments",
-        lambda: followup_audience(summary, attribution, events, 0.8, 0.4, 1, 0.8),
+        lambda: followup_audience(summary, attribution, answers, 0.8, 0.4, 1, 0.8),
         len,
     )
+    heartbeats = int((events["type"] == "heartbeat").sum())
+    events = None  # The DuckDB run below does not count the pandas frame in its memory.
     reference = recorder.measure(
         "duckdb_sessions_and_summary",
-        lambda: duck.sessions_and_members(events, starts, ends, timeout, duckdb_threads),
+        lambda: duck.sessions_and_members(
+            files.path(BROADCAST_ID), starts, ends, timeout, duckdb_threads
+        ),
         lambda value: len(value[0]),
     )
     checked = _compare(sessions, watched, summary, reference)
@@ -304,9 +335,7 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
     }
     for name, frame in derived.items():
         frame.to_pickle(folder / f"{name}.pickle")
-    recorder.emit(
-        {"checked": checked, "heartbeat_events": int((events["type"] == "heartbeat").sum())}
-    )
+    recorder.emit({"checked": checked, "heartbeat_events": heartbeats})
 
 
 def stage_write(folder: Path, url: str, label: str) -> None:

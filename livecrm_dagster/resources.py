@@ -18,16 +18,22 @@ DEFAULT_SOURCE_DIR = "data/source"
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The SQL warehouse: SQLite by default, PostgreSQL when the URL names it."""
+    """The SQL warehouse: SQLite by default, PostgreSQL when the URL names it.
+
+    `events_folder` is where the raw viewer events' Parquet files live; empty means the
+    warehouse's default (see `default_events_folder`). Every process that runs steps
+    must see the same folder.
+    """
 
     url: str = DEFAULT_WAREHOUSE_URL
+    events_folder: str = ""
     _warehouse: Warehouse | None = PrivateAttr(default=None)
 
     def get(self) -> Warehouse:
         if self._warehouse is None:
             if self.url.startswith("sqlite:///"):
                 Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._warehouse = Warehouse(self.url)
+            self._warehouse = Warehouse(self.url, self.events_folder or None)
         return self._warehouse
 
 

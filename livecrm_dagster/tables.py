@@ -1,6 +1,7 @@
 """Column lists and primary keys of every warehouse table.
 
 Per-broadcast tables start with `broadcast_id`; a write replaces one broadcast's rows.
+Their primary keys start with it too, so deleting a broadcast's rows uses the key's index.
 Money columns are 64-bit integers in the currency's smallest unit.
 """
 
@@ -13,6 +14,10 @@ FLOAT = "float"
 BOOL = "bool"
 
 Schema = tuple[list[tuple[str, str]], tuple[str, ...]]
+
+# Tables kept as one Parquet file per broadcast (see event_files.py) instead of in SQL;
+# the warehouse reads and replaces them by broadcast like the others.
+FILE_TABLES = frozenset({"raw_viewer_events"})
 
 SCHEMAS: dict[str, Schema] = {
     "broadcasts": (

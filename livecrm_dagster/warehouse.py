@@ -10,12 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from livecrm_dagster.tables import BOOL, FLOAT, INT, SCHEMAS, TEXT, TIME
+from livecrm_dagster.bulk_load import copy_rows, insert_rows
+from livecrm_dagster.event_files import EventFiles
+from livecrm_dagster.tables import BOOL, FILE_TABLES, FLOAT, INT, SCHEMAS, TEXT, TIME
+
+# The one file table; see `FILE_TABLES`.
+EVENTS = "raw_viewer_events"
 
 
 class UtcDateTime(sa.types.TypeDecorator):
@@ -70,17 +76,23 @@ IN_CHUNK = 10_000
 
 
 class Warehouse:
-    """Reads and writes the warehouse tables through one SQLAlchemy engine."""
+    """Reads and writes the warehouse tables through one SQLAlchemy engine.
 
-    def __init__(self, url: str):
+    `events_folder` holds the raw viewer events' files; by default it sits beside a
+    SQLite file, or under `.livecrm/events/<database>` for a server database.
+    """
+
+    def __init__(self, url: str, events_folder: str | Path | None = None):
         self.url = url
+        self.events = EventFiles(events_folder or default_events_folder(url))
         connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
         self.engine: Engine = sa.create_engine(url, connect_args=connect_args)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_write_ahead_log)
         self.metadata = sa.MetaData()
         for name, (columns, keys) in SCHEMAS.items():
-            _table(self.metadata, name, columns, *keys)
+            if name not in FILE_TABLES:
+                _table(self.metadata, name, columns, *keys)
         create_tables(self.engine, self.metadata)
 
     def table(self, name: str) -> sa.Table:
@@ -92,6 +104,10 @@ class Warehouse:
 
     def replace_rows(self, name: str, where: Mapping[str, object], frame: pd.DataFrame) -> int:
         """Replace the rows matching `where` (column equals value) with `frame`, atomically."""
+        if name == EVENTS:
+            if set(where) != {"broadcast_id"}:
+                raise ValueError(f"{EVENTS} is replaced one broadcast at a time")
+            return self.events.replace(str(where["broadcast_id"]), frame)
         table = self.table(name)
         frame = _conform(frame, name, where)
         with self.engine.begin() as connection:
@@ -109,6 +125,8 @@ class Warehouse:
 
     def read(self, name: str, columns: list[str] | None = None, **equals: object) -> pd.DataFrame:
         """Read a table's rows whose columns equal the given values (or are in a list)."""
+        if name == EVENTS:
+            return self._read_events(columns, **equals)
         table = self.table(name)
         conditions, listed = [], None
         for column, value in equals.items():
@@ -157,11 +175,19 @@ class Warehouse:
         `columns` limits the read to those columns, which keeps a large partition's
         memory down when a stage needs only a few of them.
         """
+        if name == EVENTS:
+            raise ValueError(f"{EVENTS} is read by broadcast and type with `read`, not by SQL")
         table = self.table(name)
         selected = [table.c[column] for column in columns] if columns else list(table.columns)
         with self.engine.connect() as connection:
             rows = connection.execute(sa.select(*selected).where(*conditions)).all()
-        frame = pd.DataFrame.from_records(rows, columns=[column.name for column in selected])
+        names = [column.name for column in selected]
+        frame = pd.DataFrame.from_records(rows, columns=names)
+        kinds = column_kinds(name)
+        for position, column in enumerate(names):
+            if kinds[column] == INT and frame[column].dtype == "float64":
+                # from_records makes integers with NULLs float64, which rounds above 2**53.
+                frame[column] = pd.array([row[position] for row in rows], dtype="Int64")
         return _typed(frame, name)
 
     def read_partition(
@@ -169,14 +195,29 @@ class Warehouse:
     ) -> pd.DataFrame:
         return self.read(name, columns=columns, broadcast_id=broadcast_id)
 
+    def _read_events(
+        self, columns: list[str] | None, broadcast_id: str, type: str | Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        types = [type] if isinstance(type, str) else type
+        return self.events.read(broadcast_id, columns=columns, types=types)
+
     def _insert(self, connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
         if frame.empty:
             return
+        kinds = column_kinds(table.name)
         if self.dialect == "postgresql":
-            _copy_into(connection, table, frame)
-            return
-        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
-        connection.execute(table.insert(), records)
+            copy_rows(connection, table.name, frame, kinds)
+        else:
+            insert_rows(connection, table.name, frame, kinds)
+
+
+def default_events_folder(url: str) -> Path:
+    """Return where a warehouse keeps its raw events unless told otherwise."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        database = Path(parsed.database)
+        return database.with_name(database.name + "-events")
+    return Path(".livecrm") / "events" / (parsed.database or "default")
 
 
 def _sqlite_write_ahead_log(connection, _record) -> None:
@@ -245,47 +286,3 @@ def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         else:
             frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     return frame
-
-
-def _copy_into(connection: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
-    """Bulk-load with PostgreSQL's COPY (CSV format) inside the caller's transaction.
-
-    Each column is rendered to CSV text with vectorized pandas string operations, so the
-    rate is set by PostgreSQL rather than by a Python call per row. In CSV format an
-    unquoted empty field is NULL, and every text value is quoted, so an empty string
-    stays an empty string.
-    """
-    kinds = column_kinds(table.name)
-    columns = list(frame.columns)
-    quoted = ", ".join(f'"{column}"' for column in columns)
-    cursor = connection.connection.driver_connection.cursor()
-    with cursor.copy(f'COPY "{table.name}" ({quoted}) FROM STDIN WITH (FORMAT csv)') as copy:
-        for start in range(0, len(frame), _COPY_CHUNK_ROWS):
-            chunk = frame.iloc[start : start + _COPY_CHUNK_ROWS]
-            fields = [_csv_field(chunk[column], kinds[column]) for column in columns]
-            lines = fields[0].str.cat(fields[1:], sep=",") if len(fields) > 1 else fields[0]
-            copy.write("\n".join(lines.tolist()) + "\n")
-
-
-# Rows rendered per COPY write, so a large partition is never held twice as text.
-_COPY_CHUNK_ROWS = 200_000
-
-
-def _csv_field(series: pd.Series, kind: str) -> pd.Series:
-    """Render one column as CSV fields: NULL as an empty field, text always quoted."""
-    missing = series.isna()
-    if kind == TIME:
-        naive = pd.api.types.is_datetime64_dtype(series) and series.dt.tz is None
-        if naive and series.notna().any():
-            raise ValueError(f"refusing to store times without a zone in {series.name!r}")
-        instants = pd.to_datetime(series, utc=True)
-        text = instants.dt.strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
-    elif kind == INT:
-        text = series.astype("Int64").astype(str)
-    elif kind == BOOL:
-        text = series.astype("boolean").map({True: "t", False: "f"})
-    elif kind == FLOAT:
-        text = series.astype("float64").map(repr)
-    else:
-        text = '"' + series.astype(str).str.replace('"', '""', regex=False) + '"'
-    return text.astype(object).where(~missing, "").astype(str)

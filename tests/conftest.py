@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-POSTGRES_SERVER = os.environ.get("LIVECRM_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432")
+from livecrm_dagster.warehouse import default_events_folder
+
+POSTGRES_SERVER = os.environ.get(
+    "LIVECRM_TEST_POSTGRES", "postgresql+psycopg://root@127.0.0.1:5432"
+)
 
 
 def _fresh_postgres_database() -> Iterator[str]:
@@ -29,6 +34,8 @@ def _fresh_postgres_database() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+        # The raw events of a server database sit in a local folder named after it.
+        shutil.rmtree(default_events_folder(f"{POSTGRES_SERVER}/{name}"), ignore_errors=True)
 
 
 @pytest.fixture

@@ -57,9 +57,7 @@ from tests.test_operator_path import (
 
 # dagster-celery registers its step task on the Celery app again for every step it
 # submits. Celery keeps the first registration, which is the same function.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Task name 'execute_plan' is already registered"
-)
+pytestmark = pytest.mark.filterwarnings("ignore:Task name 'execute_plan' is already registered")
 
 B3 = "b003"
 BROADCASTS = [B1, B2, B3]
@@ -102,8 +100,14 @@ def three_broadcasts(two_broadcasts, tmp_path_factory) -> SourceFolder:  # noqa:
         + heartbeats("m003", B3, day3 + "20:30:00+09:00", day3 + "20:40:00+09:00")
     )
     events.append(
-        {"event_id": "c3", "broadcast_id": B3, "member_id": "m002", "type": "chat",
-         "occurred_at": day3 + "20:15:00+09:00", "text": "restocked?"}
+        {
+            "event_id": "c3",
+            "broadcast_id": B3,
+            "member_id": "m002",
+            "type": "chat",
+            "occurred_at": day3 + "20:15:00+09:00",
+            "text": "restocked?",
+        }
     )
     source.jsonl("viewer_events", f"{B3}/events.jsonl", events)
     source.csv(

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from livecrm_dagster.defs.ingestion import events as events_module
 from livecrm_dagster.defs.ingestion.events import validate_viewer_events
 from livecrm_dagster.defs.ingestion.files import FILE, LINE, read_file, read_files
 from livecrm_dagster.defs.ingestion.orders import validate_orders
@@ -360,6 +361,33 @@ def test_conflicting_duplicate_event_is_quarantined():
     assert batch.quarantine["reason"].tolist() == [
         "conflicting duplicate: event_id already seen with another payload"
     ]
+
+
+def test_duplicates_and_rejects_across_chunks_are_found(monkeypatch):
+    # Three rows per chunk: the copies of e1 and e2 land in other chunks than the first.
+    monkeypatch.setattr(events_module, "CHUNK_ROWS", 3)
+    records = [
+        _event("e1", type="chat", text="love it"),
+        _event("e2"),
+        _event("e3", type="teleport"),
+        _event("e4"),
+        _event("e1", type="chat", text="hate it"),
+        _event("e2"),
+        _event("e5"),
+    ]
+
+    batch = _validate_events(records)
+
+    assert sorted(batch.events["event_id"]) == ["e1", "e2", "e4", "e5"]
+    assert batch.events.loc[batch.events["event_id"] == "e1", "text"].tolist() == ["love it"]
+    assert batch.duplicates_dropped == 1
+    # File lines start at 2, after the header.
+    quarantined = zip(batch.quarantine["record_key"], batch.quarantine["line"], strict=True)
+    assert sorted(quarantined) == [
+        ("e1", 6),
+        ("e3", 4),
+    ]
+    assert batch.rows_read == 7
 
 
 def test_repeated_order_export_is_merged():

@@ -62,10 +62,22 @@ def two_broadcasts(tmp_path_factory):
         + heartbeats("m006", B1, day1 + "20:00:00+09:00", day1 + "20:20:00+09:00")
     )
     events += [
-        {"event_id": "c1", "broadcast_id": B1, "member_id": "m001", "type": "chat",
-         "occurred_at": day1 + "20:10:00+09:00", "text": "love it"},
-        {"event_id": "k1", "broadcast_id": B1, "member_id": "m002", "type": "product_click",
-         "occurred_at": day1 + "20:10:00+09:00", "product_id": "P-1"},
+        {
+            "event_id": "c1",
+            "broadcast_id": B1,
+            "member_id": "m001",
+            "type": "chat",
+            "occurred_at": day1 + "20:10:00+09:00",
+            "text": "love it",
+        },
+        {
+            "event_id": "k1",
+            "broadcast_id": B1,
+            "member_id": "m002",
+            "type": "product_click",
+            "occurred_at": day1 + "20:10:00+09:00",
+            "product_id": "P-1",
+        },
     ]
     source.jsonl("viewer_events", f"{B1}/events.jsonl", events)
     source.jsonl(
@@ -96,9 +108,15 @@ def two_broadcasts(tmp_path_factory):
         "members",
         "members.csv",
         [
-            {"member_id": f"m00{n}", "age": 20 + 7 * n, "gender": "female",
-             "email": f"m00{n}@example.invalid", "line_user_id": f"U{n:032x}",
-             "consent_email": "true", "consent_line": "true"}
+            {
+                "member_id": f"m00{n}",
+                "age": 20 + 7 * n,
+                "gender": "female",
+                "email": f"m00{n}@example.invalid",
+                "line_user_id": f"U{n:032x}",
+                "consent_email": "true",
+                "consent_line": "true",
+            }
             for n in range(1, 7)
         ],
     )
@@ -106,10 +124,20 @@ def two_broadcasts(tmp_path_factory):
         "products",
         "products.csv",
         [
-            {"product_id": "P-1", "name": "Moisturiser", "category": "skincare", "stock": 3,
-             "low_stock_threshold": 5},
-            {"product_id": "P-2", "name": "Sunscreen", "category": "skincare", "stock": 50,
-             "low_stock_threshold": 5},
+            {
+                "product_id": "P-1",
+                "name": "Moisturiser",
+                "category": "skincare",
+                "stock": 3,
+                "low_stock_threshold": 5,
+            },
+            {
+                "product_id": "P-2",
+                "name": "Sunscreen",
+                "category": "skincare",
+                "stock": 50,
+                "low_stock_threshold": 5,
+            },
         ],
     )
     return source
@@ -201,13 +229,22 @@ def test_followup_segments(built):
 
 def test_rerun_leaves_identical_rows(built):
     _, store, instance, resources = built
-    tables = ["raw_viewer_events", "raw_orders", "viewing_sessions", "order_attribution",
-              "viewer_summary", "broadcast_kpis", "followup_audience"]
+    tables = [
+        "raw_viewer_events",
+        "raw_orders",
+        "viewing_sessions",
+        "order_attribution",
+        "viewer_summary",
+        "broadcast_kpis",
+        "followup_audience",
+    ]
     before = {table: store.read(table, broadcast_id=B1) for table in tables}
     run_main_job(instance, resources, [B1])
     for table in tables:
         after = store.read(table, broadcast_id=B1)
         key = list(after.columns[:3])
-        assert after.sort_values(key).reset_index(drop=True).equals(
-            before[table].sort_values(key).reset_index(drop=True)
+        assert (
+            after.sort_values(key)
+            .reset_index(drop=True)
+            .equals(before[table].sort_values(key).reset_index(drop=True))
         ), table

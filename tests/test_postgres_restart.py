@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from livecrm_dagster.defs.ingestion.assets import raw_viewer_events
+from livecrm_dagster.defs.sessions.assets import viewing_sessions
 from livecrm_dagster.pipeline import FIRST_PASS, REFERENCE_ASSETS, pipeline_resources
 from tests.test_main_job import B1, two_broadcasts  # noqa: F401 - fixture reused
 
@@ -44,14 +44,14 @@ def _restart_postgres() -> None:
     raise RuntimeError("PostgreSQL did not come back within 60 s after the restart")
 
 
-def _events(url: str) -> list[tuple]:
+def _sessions(url: str) -> list[tuple]:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
             rows = connection.execute(
                 sa.text(
-                    "SELECT event_id, member_id, type, occurred_at FROM raw_viewer_events "
-                    "WHERE broadcast_id = :b ORDER BY event_id"
+                    "SELECT member_id, session_no, started_at, ended_at, watched_seconds "
+                    "FROM viewing_sessions WHERE broadcast_id = :b ORDER BY member_id, session_no"
                 ),
                 {"b": B1},
             ).all()
@@ -67,7 +67,7 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
     def restart_before_delete(conn, cursor, statement, parameters, context, executemany):
         # The partition write starts with this DELETE; restarting now kills the
         # transaction between the DELETE and the COPY of the new rows.
-        if armed["restarts"] == 0 and statement.startswith("DELETE FROM raw_viewer_events"):
+        if armed["restarts"] == 0 and statement.startswith("DELETE FROM viewing_sessions"):
             armed["restarts"] += 1
             _restart_postgres()
 
@@ -75,14 +75,14 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
         dg.materialize(REFERENCE_ASSETS, resources=resources, instance=instance)
         instance.add_dynamic_partitions("broadcast", [B1])
         dg.materialize(FIRST_PASS, resources=resources, instance=instance, partition_key=B1)
-        before = _events(postgres_url)
+        before = _sessions(postgres_url)
 
         # A fresh resource, so the write goes through a new connection pool.
         resources = pipeline_resources(postgres_url, str(two_broadcasts.root))
         sa.event.listen(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
         try:
             failed = dg.materialize(
-                [raw_viewer_events],
+                [viewing_sessions],
                 resources=resources,
                 instance=instance,
                 partition_key=B1,
@@ -90,15 +90,15 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
             )
         finally:
             sa.event.remove(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
-        after_failure = _events(postgres_url)
+        after_failure = _sessions(postgres_url)
 
         retried = dg.materialize(
-            [raw_viewer_events],
+            [viewing_sessions],
             resources=pipeline_resources(postgres_url, str(two_broadcasts.root)),
             instance=instance,
             partition_key=B1,
         )
-        after_retry = _events(postgres_url)
+        after_retry = _sessions(postgres_url)
 
     assert armed["restarts"] == 1
     assert not failed.success

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -234,3 +235,90 @@ def test_zero_length_broadcast_is_rejected():
     sessions = _sessions(_every_ten_seconds("m1", "20:00:00", "20:05:00"))
     with pytest.raises(ValueError, match="broadcast length must be positive"):
         watched_by_member(sessions, STARTS_AT, STARTS_AT)
+
+
+def _reference_sessions(events: pd.DataFrame) -> list[tuple]:
+    """Sessions by the written definitions, one device and one member at a time in Python.
+
+    Slow but plain: it is the yardstick for the vectorized code on random partitions.
+    """
+    viewing = events.loc[
+        events["type"].isin(["view_start", "heartbeat", "view_end"]) & (events["member_id"] != "")
+    ]
+    # Time order, ties in the order of the partition.
+    viewing = viewing.iloc[viewing["occurred_at"].argsort(kind="stable")]
+    spans: dict[str, list[list]] = {}
+    for (member, device), rows in viewing.groupby(["member_id", "device_id"], sort=False):
+        current = None
+        for instant, event_type in zip(rows["occurred_at"], rows["type"], strict=True):
+            gap = None if current is None else (instant - current[1]).total_seconds()
+            if current is None or gap > TIMEOUT or current[4]:
+                current = [instant, instant, 0, {device}, False]
+                spans.setdefault(member, []).append(current)
+            current[1] = instant
+            current[2] += 1
+            current[4] = event_type == "view_end" and device != ""
+    result = []
+    for member in sorted(spans):
+        merged: list[list] = []
+        for span in sorted(spans[member], key=lambda span: span[0]):
+            if merged and span[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], span[1])
+                merged[-1][2] += span[2]
+                merged[-1][3] |= span[3]
+            else:
+                merged.append([span[0], span[1], span[2], set(span[3])])
+        for number, (start, end, count, devices) in enumerate(merged, start=1):
+            watched = (min(end, ENDS_AT) - max(start, STARTS_AT)).total_seconds()
+            result.append((member, number, start, end, max(watched, 0.0), count, len(devices)))
+    return result
+
+
+def _random_partition(seed: int) -> pd.DataFrame:
+    """Return shuffled viewing events of a few members with gaps, ties and several devices."""
+    rng = np.random.default_rng(seed)
+    size = 3_000
+    offsets = np.sort(rng.integers(-600, 4_200, size)).astype("int64")
+    # Same-second events across devices and members, and exact timeout gaps, are common.
+    frame = pd.DataFrame(
+        {
+            "member_id": rng.choice(["", "m1", "m2", "m3", "m10", "ｍ4"], size),
+            "device_id": rng.choice(["", "d1", "d2", "d3"], size),
+            "type": rng.choice(
+                ["heartbeat", "heartbeat", "heartbeat", "view_start", "view_end", "chat"], size
+            ),
+            "occurred_at": STARTS_AT.tz_convert("UTC") + pd.to_timedelta(offsets * 5, unit="s"),
+        }
+    )
+    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_partitions_match_the_reference(seed):
+    events = _random_partition(seed)
+
+    sessions = viewing_sessions(events, STARTS_AT, ENDS_AT, TIMEOUT)
+
+    got = [
+        (
+            row.member_id,
+            row.session_no,
+            row.started_at,
+            row.ended_at,
+            row.watched_seconds,
+            row.events,
+            row.devices,
+        )
+        for row in sessions.itertuples()
+    ]
+    assert got == _reference_sessions(events)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_categorical_events_give_the_same_sessions(seed):
+    events = _random_partition(seed)
+    coded = events.astype({"member_id": "category", "device_id": "category", "type": "category"})
+
+    plain = viewing_sessions(events, STARTS_AT, ENDS_AT, TIMEOUT)
+
+    pd.testing.assert_frame_equal(viewing_sessions(coded, STARTS_AT, ENDS_AT, TIMEOUT), plain)

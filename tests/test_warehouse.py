@@ -12,13 +12,13 @@ from livecrm_dagster.warehouse import Warehouse
 NEW_YORK_SESSION = "options=-c%20TimeZone%3DAmerica/New_York"
 
 
-def _events(*rows: tuple[str, str, str]) -> pd.DataFrame:
-    """Return raw_viewer_events rows from (event_id, occurred_at, text) tuples."""
-    frame = pd.DataFrame(rows, columns=["event_id", "occurred_at", "text"])
-    frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601")
+def _lines(*rows: tuple[str, str, str]) -> pd.DataFrame:
+    """Return raw_orders rows from (order_id, paid_at, product_id) tuples, one line each."""
+    frame = pd.DataFrame(rows, columns=["order_id", "paid_at", "product_id"])
+    frame["paid_at"] = pd.to_datetime(frame["paid_at"], utc=True, format="ISO8601")
+    frame["line_no"] = 1
     frame["member_id"] = "m1"
-    frame["device_id"] = ""
-    frame["type"] = "chat"
+    frame["status"] = "paid"
     return frame
 
 
@@ -28,49 +28,49 @@ def _sorted(frame: pd.DataFrame, key: str) -> pd.DataFrame:
 
 def test_replace_partition_replaces_rows(warehouse_url):
     store = Warehouse(warehouse_url)
-    store.replace_partition("raw_viewer_events", "b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
-    store.replace_partition("raw_viewer_events", "b2", _events(("e9", "2024-06-12T11:00:00Z", "")))
+    store.replace_partition("raw_orders", "b1", _lines(("o1", "2024-06-10T11:00:00Z", "")))
+    store.replace_partition("raw_orders", "b2", _lines(("o9", "2024-06-12T11:00:00Z", "")))
     store.replace_partition(
-        "raw_viewer_events",
+        "raw_orders",
         "b1",
-        _events(("e2", "2024-06-10T11:01:00Z", ""), ("e3", "2024-06-10T11:02:00Z", "")),
+        _lines(("o2", "2024-06-10T11:01:00Z", ""), ("o3", "2024-06-10T11:02:00Z", "")),
     )
-    assert sorted(store.read("raw_viewer_events", broadcast_id="b1")["event_id"]) == ["e2", "e3"]
-    assert store.read("raw_viewer_events", broadcast_id="b2")["event_id"].tolist() == ["e9"]
+    assert sorted(store.read("raw_orders", broadcast_id="b1")["order_id"]) == ["o2", "o3"]
+    assert store.read("raw_orders", broadcast_id="b2")["order_id"].tolist() == ["o9"]
 
 
 def test_failed_replace_keeps_previous_rows(warehouse_url):
     store = Warehouse(warehouse_url)
-    store.replace_partition("raw_viewer_events", "b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
-    # e2 twice breaks the primary key (broadcast_id, event_id) after the delete has run.
-    broken = _events(("e2", "2024-06-10T11:01:00Z", ""), ("e2", "2024-06-10T11:02:00Z", ""))
+    store.replace_partition("raw_orders", "b1", _lines(("o1", "2024-06-10T11:00:00Z", "")))
+    # o2 twice breaks the primary key (broadcast_id, order_id, line_no) after the delete has run.
+    broken = _lines(("o2", "2024-06-10T11:01:00Z", ""), ("o2", "2024-06-10T11:02:00Z", ""))
     # NOTE: PostgreSQL's COPY runs on the driver's cursor, so its error is psycopg's own.
     with pytest.raises((sa.exc.IntegrityError, psycopg.IntegrityError)):
-        store.replace_partition("raw_viewer_events", "b1", broken)
-    assert store.read("raw_viewer_events", broadcast_id="b1")["event_id"].tolist() == ["e1"]
+        store.replace_partition("raw_orders", "b1", broken)
+    assert store.read("raw_orders", broadcast_id="b1")["order_id"].tolist() == ["o1"]
 
 
 def test_write_for_other_partition_is_rejected(warehouse_url):
     store = Warehouse(warehouse_url)
-    store.replace_partition("raw_viewer_events", "b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
-    stray = _events(("e2", "2024-06-10T11:01:00Z", "")).assign(broadcast_id="b2")
+    store.replace_partition("raw_orders", "b1", _lines(("o1", "2024-06-10T11:00:00Z", "")))
+    stray = _lines(("o2", "2024-06-10T11:01:00Z", "")).assign(broadcast_id="b2")
     with pytest.raises(ValueError, match="rows outside broadcast_id='b1'"):
-        store.replace_partition("raw_viewer_events", "b1", stray)
-    assert store.read("raw_viewer_events", broadcast_id="b1")["event_id"].tolist() == ["e1"]
+        store.replace_partition("raw_orders", "b1", stray)
+    assert store.read("raw_orders", broadcast_id="b1")["order_id"].tolist() == ["o1"]
 
 
 def test_unknown_column_is_rejected(warehouse_url):
     store = Warehouse(warehouse_url)
-    frame = _events(("e1", "2024-06-10T11:00:00Z", "")).assign(colour="red")
+    frame = _lines(("o1", "2024-06-10T11:00:00Z", "")).assign(colour="red")
     with pytest.raises(ValueError, match=r"columns not in the table schema: \['colour'\]"):
-        store.replace_partition("raw_viewer_events", "b1", frame)
+        store.replace_partition("raw_orders", "b1", frame)
 
 
 def test_empty_write_clears_partition(warehouse_url):
     store = Warehouse(warehouse_url)
-    store.replace_partition("raw_viewer_events", "b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
-    store.replace_partition("raw_viewer_events", "b1", _events())
-    assert store.read("raw_viewer_events", broadcast_id="b1").empty
+    store.replace_partition("raw_orders", "b1", _lines(("o1", "2024-06-10T11:00:00Z", "")))
+    store.replace_partition("raw_orders", "b1", _lines())
+    assert store.read("raw_orders", broadcast_id="b1").empty
 
 
 @pytest.fixture
@@ -103,12 +103,12 @@ INSTANTS = [
 
 def test_times_round_trip_as_utc(new_york_session_url):
     store = Warehouse(new_york_session_url)
-    rows = [(f"e{number}", instant, "") for number, instant in enumerate(INSTANTS)]
-    store.replace_partition("raw_viewer_events", "b1", _events(*rows))
-    stored = _sorted(store.read("raw_viewer_events", broadcast_id="b1"), "event_id")
+    rows = [(f"o{number}", instant, "") for number, instant in enumerate(INSTANTS)]
+    store.replace_partition("raw_orders", "b1", _lines(*rows))
+    stored = _sorted(store.read("raw_orders", broadcast_id="b1"), "order_id")
     expected = pd.to_datetime(pd.Series(INSTANTS), utc=True, format="ISO8601")
-    assert str(stored["occurred_at"].dt.tz) == "UTC"
-    assert stored["occurred_at"].tolist() == expected.tolist()
+    assert str(stored["paid_at"].dt.tz) == "UTC"
+    assert stored["paid_at"].tolist() == expected.tolist()
 
 
 def test_time_condition_compares_instants(new_york_session_url):
@@ -119,17 +119,17 @@ def test_time_condition_compares_instants(new_york_session_url):
         ("end", "2024-06-10T21:00:00+09:00", ""),
         ("late", "2024-06-10T21:00:01+09:00", ""),
     ]
-    store.replace_partition("raw_viewer_events", "b1", _events(*rows))
-    table = store.table("raw_viewer_events")
+    store.replace_partition("raw_orders", "b1", _lines(*rows))
+    table = store.table("raw_orders")
     # The bounds are given in a third zone, New York daylight time.
     starts_at = pd.Timestamp("2024-06-10T07:00:00-04:00").to_pydatetime()
     ends_at = pd.Timestamp("2024-06-10T08:00:00-04:00").to_pydatetime()
     inside = store.query(
-        "raw_viewer_events",
-        table.c.occurred_at >= starts_at,
-        table.c.occurred_at <= ends_at,
+        "raw_orders",
+        table.c.paid_at >= starts_at,
+        table.c.paid_at <= ends_at,
     )
-    assert sorted(inside["event_id"]) == ["end", "start"]
+    assert sorted(inside["order_id"]) == ["end", "start"]
 
 
 def test_missing_time_stays_missing(warehouse_url):
@@ -196,17 +196,17 @@ TEXTS = [
 
 def test_text_survives_bulk_load(warehouse_url):
     store = Warehouse(warehouse_url)
-    rows = [(f"e{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
-    store.replace_partition("raw_viewer_events", "b1", _events(*rows))
-    stored = _sorted(store.read("raw_viewer_events", broadcast_id="b1"), "event_id")
-    assert stored["text"].tolist() == TEXTS
+    rows = [(f"o{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
+    store.replace_partition("raw_orders", "b1", _lines(*rows))
+    stored = _sorted(store.read("raw_orders", broadcast_id="b1"), "order_id")
+    assert stored["product_id"].tolist() == TEXTS
 
 
 def test_null_text_stays_null(warehouse_url):
     store = Warehouse(warehouse_url)
-    frame = _events(("e1", "2024-06-10T11:00:00Z", "")).assign(text=[None])
-    store.replace_partition("raw_viewer_events", "b1", frame)
-    assert store.read("raw_viewer_events", broadcast_id="b1").loc[0, "text"] is None
+    frame = _lines(("o1", "2024-06-10T11:00:00Z", "")).assign(product_id=[None])
+    store.replace_partition("raw_orders", "b1", frame)
+    assert store.read("raw_orders", broadcast_id="b1").loc[0, "product_id"] is None
 
 
 def test_booleans_and_floats_round_trip(warehouse_url):
@@ -228,9 +228,9 @@ def test_booleans_and_floats_round_trip(warehouse_url):
     assert stored["watched_seconds"].tolist() == [1490.0, 0.25]
     assert stored["devices"].tolist() == [1, 2]
 
-    events = _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:00:00Z", ""))
-    events["is_correct"] = pd.array([True, pd.NA], dtype="boolean")
-    store.replace_partition("raw_viewer_events", "b1", events)
-    flags = _sorted(store.read("raw_viewer_events", broadcast_id="b1"), "event_id")["is_correct"]
+    members = pd.DataFrame({"member_id": ["m1", "m2"]})
+    members["consent_line"] = pd.array([True, pd.NA], dtype="boolean")
+    store.replace_table("members", members)
+    flags = _sorted(store.read("members"), "member_id")["consent_line"]
     assert flags[0]
     assert pd.isna(flags[1])

@@ -25,7 +25,8 @@ def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
             "warehouse": WarehouseResource(
-                url=env_or_default("LIVECRM_WAREHOUSE_URL", DEFAULT_WAREHOUSE_URL)
+                url=env_or_default("LIVECRM_WAREHOUSE_URL", DEFAULT_WAREHOUSE_URL),
+                events_folder=env_or_default("LIVECRM_EVENT_STORE", ""),
             ),
             "shop_settings": ShopSettingsResource(path=env_or_default("LIVECRM_SETTINGS", "")),
             "source": SourceResource(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
 import pandas as pd
 
 from livecrm_dagster.defs.ingestion.files import FILE, LINE
@@ -177,7 +178,11 @@ def identifiers(frame: pd.DataFrame, column: str) -> pd.Series:
     Japanese input methods and shop systems mix both widths, so one member or product
     keeps one ID across sources. Leading zeros stay.
     """
-    return text(frame, column).map(lambda value: unicodedata.normalize("NFKC", value).strip())
+    values = text(frame, column)
+    # IDs repeat across a partition's rows, so each distinct value is normalized once.
+    codes, distinct = pd.factorize(values)
+    normalized = [unicodedata.normalize("NFKC", value).strip() for value in distinct]
+    return pd.Series(np.asarray(normalized + [""], dtype=object)[codes], index=values.index)
 
 
 def parse_integers(values: pd.Series, field: str) -> tuple[pd.Series, pd.Series]:

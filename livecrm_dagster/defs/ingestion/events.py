@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from livecrm_dagster.defs.ingestion.contract import (
     EVENT_TYPES,
@@ -51,6 +54,12 @@ class EventBatch:
     rows_read: int
 
 
+# Rows checked at a time. The checks make several string copies of the rows they look
+# at, so checking a partition in chunks bounds that memory whatever the partition's size;
+# the valid rows of each chunk are kept as compact Arrow-backed strings.
+CHUNK_ROWS = 250_000
+
+
 def validate_viewer_events(
     rows: pd.DataFrame,
     broadcast_id: str,
@@ -67,6 +76,35 @@ def validate_viewer_events(
     off or a tab woken the next day tells nothing about this broadcast.
     """
     rows = rows.reset_index(drop=True)
+    checked = [
+        _check_rows(
+            rows.iloc[start : start + CHUNK_ROWS],
+            broadcast_id,
+            starts_at,
+            ends_at,
+            implausible_hours,
+            zone,
+        )
+        for start in range(0, max(len(rows), 1), CHUNK_ROWS)
+    ]
+    valid = pd.concat([events for events, _ in checked], ignore_index=True)
+    quarantine = pd.concat([rejected for _, rejected in checked], ignore_index=True)
+    valid, conflicts, dropped = drop_duplicate_events(valid)
+    quarantine = pd.concat([quarantine, conflicts], ignore_index=True)
+    return EventBatch(
+        _in_time_order(valid.drop(columns=[FILE, LINE])), quarantine, dropped, len(rows)
+    )
+
+
+def _check_rows(
+    rows: pd.DataFrame,
+    broadcast_id: str,
+    starts_at: pd.Timestamp,
+    ends_at: pd.Timestamp,
+    implausible_hours: float,
+    zone: str | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (valid events, quarantine rows) of a chunk of rows; see `validate_viewer_events`."""
     checker = RowChecker(rows, "viewer_events", "event_id")
     checker.require("event_id", "broadcast_id")
     other = text(rows, "broadcast_id") != broadcast_id
@@ -103,10 +141,26 @@ def validate_viewer_events(
     events[FILE] = text(rows, FILE)
     events[LINE] = rows[LINE] if LINE in rows.columns else 0
     valid, quarantine = checker.split(events)
-    valid, conflicts, dropped = drop_duplicate_events(valid)
-    quarantine = pd.concat([quarantine, conflicts], ignore_index=True)
-    valid = valid.drop(columns=[FILE, LINE]).sort_values(["occurred_at", "event_id"])
-    return EventBatch(valid.reset_index(drop=True), quarantine, dropped, len(rows))
+    compact = {column: _COMPACT_TEXT for column in [*_TEXT_COLUMNS, FILE]}
+    return valid.astype(compact), quarantine
+
+
+_TEXT_COLUMNS = [column for column in EVENT_COLUMNS if column not in ("occurred_at", "is_correct")]
+_COMPACT_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)
+
+
+def _in_time_order(events: pd.DataFrame) -> pd.DataFrame:
+    """Sort events by (occurred_at, event_id) with Arrow, which sorts strings natively."""
+    keys = pa.table(
+        {
+            "occurred_at": pa.array(events["occurred_at"]),
+            "event_id": pa.array(events["event_id"], pa.string()),
+        }
+    )
+    order = pc.sort_indices(
+        keys, sort_keys=[("occurred_at", "ascending"), ("event_id", "ascending")]
+    )
+    return events.take(order.to_numpy()).reset_index(drop=True)
 
 
 def drop_duplicate_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
@@ -118,17 +172,24 @@ def drop_duplicate_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     """
     if events.empty:
         return events, empty_quarantine(), 0
-    payload = events[EVENT_COLUMNS].astype(str)
-    fingerprint = pd.util.hash_pandas_object(payload, index=False)
-    first = fingerprint.groupby(events["event_id"]).transform("first")
-    repeat = events["event_id"].duplicated(keep="first")
+    # Only IDs that occur more than once need their payloads compared; they are a few
+    # percent of a partition, so the others are never hashed or grouped.
+    shared_at = np.flatnonzero(events["event_id"].duplicated(keep=False).to_numpy())
+    shared = events.iloc[shared_at]
+    fingerprint = pd.util.hash_pandas_object(shared[EVENT_COLUMNS], index=False).to_numpy()
+    ids = shared["event_id"].to_numpy()
+    first = pd.Series(fingerprint).groupby(ids, sort=False).transform("first").to_numpy()
+    repeat = shared["event_id"].duplicated(keep="first").to_numpy()
     conflicting = repeat & (fingerprint != first)
     identical = repeat & ~conflicting
     conflicts = quarantine_frame(
         "viewer_events",
-        events.loc[conflicting],
+        shared.iloc[np.flatnonzero(conflicting)],
         "event_id",
         "event_id",
         "conflicting duplicate: event_id already seen with another payload",
     )
-    return events.loc[~repeat].copy(), conflicts, int(identical.sum())
+    dropped = np.zeros(len(events), dtype=bool)
+    dropped[shared_at[repeat]] = True
+    kept = events.loc[~dropped]
+    return kept, conflicts, int(identical.sum())

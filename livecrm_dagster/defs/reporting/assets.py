@@ -48,9 +48,9 @@ def viewer_summary(
     broadcast = scheduled_broadcast(store, context.partition_key)
     sessions = store.read_partition("viewing_sessions", broadcast.broadcast_id)
     watched = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at)
-    events = store.read_partition(
-        "raw_viewer_events",
+    events = store.events.read(
         broadcast.broadcast_id,
+        categorical=True,
         columns=[
             "member_id",
             "type",
@@ -163,8 +163,8 @@ def broadcast_kpis(
     broadcast = scheduled_broadcast(store, context.partition_key)
     summary = store.read_partition("viewer_summary", broadcast.broadcast_id)
     attribution = store.read_partition("order_attribution", broadcast.broadcast_id)
-    events = store.read_partition(
-        "raw_viewer_events", broadcast.broadcast_id, columns=["member_id", "device_id", "type"]
+    events = store.events.read(
+        broadcast.broadcast_id, columns=["member_id", "device_id", "type"], categorical=True
     )
     anonymous = events.loc[
         (events["member_id"] == "") & events["type"].isin(["view_start", "heartbeat", "view_end"]),

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from livecrm_dagster.defs.sessions.sessionize import VIEWING_TYPES
+from livecrm_dagster.defs.sessions.sessionize import VIEWING_TYPES, label_codes
 
 SUMMARY_COLUMNS = [
     "member_id",
@@ -75,16 +75,23 @@ def viewer_summary(
     if summary.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     # Position of each event's member in the summary (-1 for others), so the per-member
-    # figures below group integer codes instead of member ID strings.
-    member_codes = summary.index.get_indexer(events["member_id"])
+    # figures below work on integer codes instead of member ID strings.
+    codes, labels = label_codes(events["member_id"])
+    member_codes = np.append(summary.index.get_indexer(labels), -1)[codes]
     mine = member_codes >= 0
-    by_member = events["occurred_at"][mine].groupby(member_codes[mine])
-    positions = pd.RangeIndex(len(summary))
-    summary["first_seen_at"] = pd.Series(by_member.min().reindex(positions).array, summary.index)
-    summary["last_seen_at"] = pd.Series(by_member.max().reindex(positions).array, summary.index)
-    # Viewing events are nearly all of the rows; the other types are counted from the rest.
-    engaged = mine & ~events["type"].isin(VIEWING_TYPES).to_numpy()
-    rare = events.loc[engaged]
+    ticks = events["occurred_at"].array.asi8
+    first_seen = np.full(len(summary), np.iinfo(np.int64).max)
+    last_seen = np.full(len(summary), np.iinfo(np.int64).min)
+    np.minimum.at(first_seen, member_codes[mine], ticks[mine])
+    np.maximum.at(last_seen, member_codes[mine], ticks[mine])
+    time_dtype = events["occurred_at"].dtype
+    summary["first_seen_at"] = _instants_or_missing(first_seen, time_dtype, summary.index)
+    summary["last_seen_at"] = _instants_or_missing(last_seen, time_dtype, summary.index)
+    # Viewing events are nearly all of the rows; the other types are counted from the rest,
+    # which is small enough to handle as plain strings.
+    type_codes, types = label_codes(events["type"])
+    engaged = mine & np.append(~np.isin(types, VIEWING_TYPES), True)[type_codes]
+    rare = _as_strings(events.loc[engaged])
     rare_codes = member_codes[engaged]
     rare_types = rare["type"].to_numpy()
     for column, event_type in (("chats", "chat"), ("likes", "like"), ("clicks", "product_click")):
@@ -111,6 +118,25 @@ def viewer_summary(
     summary["gender"] = profile["gender"].fillna("").replace("", "unknown")
     summary["age_band"] = age_bands(profile.reset_index(), starts_at, zone).to_numpy()
     return summary.reset_index()[SUMMARY_COLUMNS]
+
+
+def _instants_or_missing(ticks: np.ndarray, dtype, index: pd.Index) -> pd.Series:
+    """Turn per-member ticks into times; a member without events (a sentinel) gets NaT."""
+    missing = (ticks == np.iinfo(np.int64).max) | (ticks == np.iinfo(np.int64).min)
+    unit = getattr(dtype, "unit", None) or np.datetime_data(dtype)[0]
+    values = pd.Series(np.where(missing, 0, ticks).view(f"datetime64[{unit}]"), index=index)
+    if getattr(dtype, "tz", None) is not None:
+        values = values.dt.tz_localize("UTC").dt.tz_convert(dtype.tz)
+    return values.astype(dtype).mask(missing)
+
+
+def _as_strings(events: pd.DataFrame) -> pd.DataFrame:
+    """Return a small slice of events with categorical text turned into plain strings."""
+    events = events.copy()
+    for column in events.columns:
+        if isinstance(events[column].dtype, pd.CategoricalDtype):
+            events[column] = events[column].astype(object)
+    return events
 
 
 def _count(events: pd.DataFrame, event_type: str, index: pd.Index) -> pd.Series:

@@ -20,10 +20,10 @@ def viewing_sessions(
     timeout = shop_settings.get().sessions.timeout_seconds
     store = warehouse.get()
     broadcast = scheduled_broadcast(store, context.partition_key)
-    events = store.read_partition(
-        "raw_viewer_events",
+    events = store.events.read(
         broadcast.broadcast_id,
         columns=["member_id", "device_id", "type", "occurred_at"],
+        categorical=True,
     )
 
     sessions = sessionize(events, broadcast.starts_at, broadcast.ends_at, timeout)

@@ -1,0 +1,188 @@
+"""Raw viewer events: one columnar Parquet file per broadcast, beside the SQL warehouse.
+
+A large broadcast brings ten million heartbeats or more. As SQL rows they are slow to
+write and to read back, and a read turns every ID into a Python string: about 1.6 GB of
+memory per million events. In a Parquet file the text columns are dictionary-encoded,
+so a member's ID is stored once and each event holds a small integer code; the
+sessions read 10 million events in about a second and hold them in about 250 MB.
+
+The file of a broadcast is replaced whole: the new rows go to a temporary file in the
+same folder, which is then renamed over the old one, so a reader sees either the old
+rows or the new ones and a failed write leaves the old file in place. Rows are kept in
+time order (ties in the order written), which the sessions rely on to avoid a sort.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from livecrm_dagster.tables import SCHEMAS
+
+# The table's columns but `broadcast_id`, which names the file.
+COLUMNS = [name for name, _ in SCHEMAS["raw_viewer_events"][0] if name != "broadcast_id"]
+# Every text column but the event ID repeats values across rows (members, devices,
+# types, products, questions), so they are stored as dictionaries. Event IDs are unique.
+_DICTIONARY = [name for name in COLUMNS if name not in ("event_id", "occurred_at", "is_correct")]
+_DICTIONARY_TYPE = pa.dictionary(pa.int32(), pa.string())
+SCHEMA = pa.schema(
+    [
+        pa.field(
+            name,
+            _DICTIONARY_TYPE
+            if name in _DICTIONARY
+            else pa.timestamp("us", tz="UTC")
+            if name == "occurred_at"
+            else pa.bool_()
+            if name == "is_correct"
+            else pa.string(),
+        )
+        for name in COLUMNS
+    ]
+)
+# Row groups of this many events let a reader skip groups by type statistics and keep
+# the writer's buffers small.
+_ROW_GROUP = 1_000_000
+
+
+class EventFiles:
+    """Reads and replaces the raw viewer events of each broadcast in a folder of files."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, broadcast_id: str) -> Path:
+        # Broadcast IDs are validated on ingestion; quoting keeps any other ID a plain
+        # file name inside the folder all the same.
+        return self.folder / f"{quote(broadcast_id, safe='')}.parquet"
+
+    def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
+        """Replace the broadcast's events with `events`, atomically; return the row count."""
+        table = _arrow_table(broadcast_id, events)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(broadcast_id)
+        handle, temporary = tempfile.mkstemp(prefix=".writing-", suffix=".parquet", dir=self.folder)
+        try:
+            # Chat text may carry personal details, so the files are readable by the owner only.
+            os.fchmod(handle, 0o600)
+            with os.fdopen(handle, "wb") as sink:
+                pq.write_table(table, sink, compression="zstd", row_group_size=_ROW_GROUP)
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _sync_folder(self.folder)
+        return table.num_rows
+
+    def read(
+        self,
+        broadcast_id: str,
+        columns: list[str] | None = None,
+        types: Iterable[str] | None = None,
+        categorical: bool = False,
+    ) -> pd.DataFrame:
+        """Read a broadcast's events in time order, optionally only some columns and types.
+
+        Text comes back as Python strings (None for a missing value), as from a SQL
+        table. `categorical=True` keeps the dictionary columns as pandas categoricals
+        instead, which is what a whole large partition needs to fit in memory; the
+        analytics accept both.
+        """
+        wanted = list(columns) if columns else ["broadcast_id", *COLUMNS]
+        unknown = sorted(set(wanted) - set(COLUMNS) - {"broadcast_id"})
+        if unknown:
+            raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
+        stored = [name for name in wanted if name != "broadcast_id"]
+        types = None if types is None else list(types)
+        path = self.path(broadcast_id)
+        if not path.exists():
+            # An empty result would pass for a broadcast nobody watched; a step that
+            # looks in the wrong folder (a worker without LIVECRM_EVENT_STORE) must fail.
+            raise FileNotFoundError(
+                f"no raw events of broadcast {broadcast_id!r} in {self.folder}: materialize "
+                "raw_viewer_events for it, or point LIVECRM_EVENT_STORE at the folder it wrote"
+            )
+        if types != []:
+            filters = [("type", "in", types)] if types is not None else None
+            table = pq.read_table(path, columns=stored, filters=filters)
+        else:
+            table = SCHEMA.empty_table()
+        frame = _pandas(table.select(stored), categorical)
+        del table
+        # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
+        pa.default_memory_pool().release_unused()
+        if "broadcast_id" in wanted:
+            frame["broadcast_id"] = broadcast_id
+        return frame[wanted]
+
+
+def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
+    """Check the frame against the schema and turn it into a time-ordered Arrow table."""
+    unknown = sorted(set(events.columns) - set(COLUMNS) - {"broadcast_id"})
+    if unknown:
+        raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
+    if "broadcast_id" in events.columns and not (events["broadcast_id"] == broadcast_id).all():
+        raise ValueError(
+            f"raw_viewer_events: rows outside broadcast_id={broadcast_id!r} in a write for it"
+        )
+    if "event_id" in events.columns and events["event_id"].duplicated().any():
+        repeated = events.loc[events["event_id"].duplicated(), "event_id"].iloc[0]
+        raise ValueError(f"raw_viewer_events: event_id {repeated!r} appears twice in one write")
+    occurred = events["occurred_at"] if "occurred_at" in events.columns else None
+    if occurred is not None and len(occurred) and occurred.notna().any():
+        if not isinstance(occurred.dtype, pd.DatetimeTZDtype):
+            raise ValueError("refusing to store times without a zone in 'occurred_at'")
+    if occurred is not None and not occurred.is_monotonic_increasing:
+        events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
+    arrays = [_arrow_column(events, field) for field in SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:
+    if field.name not in events.columns:
+        return pa.nulls(len(events), field.type)
+    column = events[field.name]
+    if field.name == "occurred_at":
+        return pa.array(column.dt.tz_convert("UTC").astype("datetime64[us, UTC]"), field.type)
+    if field.name == "is_correct":
+        return pa.array(column.astype("boolean"), pa.bool_())
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        strings = pa.array(column.astype(object), pa.string(), from_pandas=True)
+    else:
+        strings = pa.array(column, pa.string(), from_pandas=True)
+    return pc.dictionary_encode(strings) if field.type == _DICTIONARY_TYPE else strings
+
+
+def _pandas(table: pa.Table, categorical: bool) -> pd.DataFrame:
+    """Convert to pandas with nullable booleans; text as categoricals or Python strings."""
+    if not categorical:
+        plain = [
+            pa.field(field.name, pa.string()) if field.type == _DICTIONARY_TYPE else field
+            for field in table.schema
+        ]
+        table = table.cast(pa.schema(plain))
+    frame = table.to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get)
+    for name in frame.columns:
+        if pa.types.is_string(table.schema.field(name).type):
+            frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+    return frame
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable, so a crash cannot bring the old file back."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

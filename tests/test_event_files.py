@@ -1,0 +1,218 @@
+"""Raw viewer events in one Parquet file per broadcast: round trips, atomic replaces, reads."""
+
+from __future__ import annotations
+
+import stat
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from livecrm_dagster.event_files import EventFiles
+from livecrm_dagster.warehouse import Warehouse, default_events_folder
+
+TEXTS = [
+    'a "quoted" word',
+    "comma, and\nnewline",
+    "back\\slash",
+    "保湿クリーム　最高！",
+    "",
+    None,
+]
+
+
+def _events(*rows: tuple[str, str, str | None]) -> pd.DataFrame:
+    """Return validated events from (event_id, occurred_at, text) tuples."""
+    frame = pd.DataFrame(rows, columns=["event_id", "occurred_at", "text"])
+    frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601")
+    frame["member_id"] = "m1"
+    frame["device_id"] = ""
+    frame["type"] = "chat"
+    return frame
+
+
+@pytest.fixture
+def files(tmp_path) -> EventFiles:
+    return EventFiles(tmp_path / "events")
+
+
+def test_text_and_missing_values_round_trip(files):
+    rows = [(f"e{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
+    files.replace("b1", _events(*rows))
+
+    stored = files.read("b1")
+
+    assert stored["text"].tolist() == TEXTS
+    assert stored["product_id"].tolist() == [None] * len(TEXTS)
+    assert stored["text"].dtype == object
+
+
+def test_instants_come_back_in_utc_and_time_order(files):
+    rows = [
+        ("late", "2024-06-11T00:00:01+09:00", ""),
+        ("early", "2024-06-10T07:00:00-04:00", ""),
+        ("tie-b", "2024-06-10T11:00:00Z", ""),
+        ("tie-a", "2024-06-10T11:00:00Z", ""),
+    ]
+    files.replace("b1", _events(*rows))
+
+    stored = files.read("b1", columns=["event_id", "occurred_at"])
+
+    # Rows are ordered by time; rows at the same instant keep the order they were written in.
+    assert stored["event_id"].tolist() == ["early", "tie-b", "tie-a", "late"]
+    assert str(stored["occurred_at"].dt.tz) == "UTC"
+    assert stored["occurred_at"].iloc[-1] == pd.Timestamp("2024-06-10T15:00:01Z")
+
+
+def test_answers_keep_missing_flags(files):
+    events = _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:00:01Z", ""))
+    events["is_correct"] = pd.array([True, pd.NA], dtype="boolean")
+    files.replace("b1", events)
+
+    flags = files.read("b1")["is_correct"]
+
+    assert flags.dtype == "boolean"
+    assert flags[0]
+    assert pd.isna(flags[1])
+
+
+def test_categorical_read_holds_the_same_values(files):
+    rows = [(f"e{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
+    files.replace("b1", _events(*rows))
+
+    plain = files.read("b1")
+    coded = files.read("b1", categorical=True)
+
+    assert isinstance(coded["member_id"].dtype, pd.CategoricalDtype)
+    for column in plain.columns:
+        left = plain[column].astype(object).where(plain[column].notna(), None)
+        right = coded[column].astype(object).where(coded[column].notna(), None)
+        assert left.tolist() == right.tolist(), column
+
+
+def test_replace_swaps_the_whole_partition(files):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+    files.replace("b2", _events(("e9", "2024-06-12T11:00:00Z", "")))
+    files.replace(
+        "b1", _events(("e2", "2024-06-10T11:01:00Z", ""), ("e3", "2024-06-10T11:02:00Z", ""))
+    )
+
+    assert files.read("b1")["event_id"].tolist() == ["e2", "e3"]
+    assert files.read("b2")["event_id"].tolist() == ["e9"]
+
+
+def test_failed_write_keeps_previous_file(files, monkeypatch):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+
+    def broken_disk(table, sink, **options):
+        sink.write(b"PAR1 half a file")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(pq, "write_table", broken_disk)
+    with pytest.raises(OSError, match="no space left"):
+        files.replace("b1", _events(("e2", "2024-06-10T11:01:00Z", "")))
+    monkeypatch.undo()
+
+    assert files.read("b1")["event_id"].tolist() == ["e1"]
+    assert [path.name for path in files.folder.iterdir()] == ["b1.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        # The same event twice in one write: validation drops repeated deliveries first.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", ""), ("e2", "2024-06-10T11:02:00Z", "")),
+            "event_id 'e2' appears twice",
+        ),
+        # A row of another broadcast in this broadcast's write.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).assign(broadcast_id="b2"),
+            "rows outside broadcast_id='b1'",
+        ),
+        # A column the table does not have.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).assign(colour="red"),
+            r"columns not in the table schema: \['colour'\]",
+        ),
+        # A time without a zone cannot be placed on the timeline.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).assign(
+                occurred_at=pd.Timestamp("2024-06-10T11:01:00")
+            ),
+            "without a zone",
+        ),
+    ],
+)
+def test_bad_write_is_refused_and_keeps_previous_rows(files, frame, message):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+
+    with pytest.raises(ValueError, match=message):
+        files.replace("b1", frame)
+
+    assert files.read("b1")["event_id"].tolist() == ["e1"]
+
+
+def test_read_filters_types_and_columns(files):
+    events = _events(
+        ("e1", "2024-06-10T11:00:00Z", ""),
+        ("e2", "2024-06-10T11:00:01Z", ""),
+        ("e3", "2024-06-10T11:00:02Z", ""),
+    )
+    events["type"] = ["heartbeat", "product_click", "answer"]
+    files.replace("b1", events)
+
+    clicks = files.read("b1", columns=["broadcast_id", "event_id"], types=["product_click"])
+
+    assert clicks.to_dict("records") == [{"broadcast_id": "b1", "event_id": "e2"}]
+    assert files.read("b1", types=[]).empty
+
+
+def test_reading_a_broadcast_without_a_file_fails():
+    files = EventFiles("/nonexistent/events")
+
+    with pytest.raises(FileNotFoundError, match="no raw events of broadcast 'b1' in /nonexistent"):
+        files.read("b1")
+
+
+def test_files_are_readable_by_owner_only(files):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "chat text")))
+
+    mode = stat.S_IMODE(files.path("b1").stat().st_mode)
+
+    assert mode == 0o600
+
+
+def test_broadcast_id_stays_inside_the_folder(files):
+    files.replace("../escape", _events(("e1", "2024-06-10T11:00:00Z", "")))
+
+    assert files.path("../escape").parent == files.folder
+    assert files.read("../escape")["event_id"].tolist() == ["e1"]
+
+
+def test_warehouse_reads_and_replaces_events_by_broadcast(warehouse_url, tmp_path):
+    store = Warehouse(warehouse_url, events_folder=tmp_path / "events")
+    events = _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:00:01Z", ""))
+    events["type"] = ["heartbeat", "answer"]
+
+    store.replace_partition("raw_viewer_events", "b1", events)
+
+    assert store.read("raw_viewer_events", broadcast_id="b1", type="answer")[
+        "event_id"
+    ].tolist() == ["e2"]
+    assert len(store.read_partition("raw_viewer_events", "b1")) == 2
+    with pytest.raises(ValueError, match="by broadcast and type"):
+        store.query("raw_viewer_events")
+
+
+@pytest.mark.parametrize(
+    ("url", "folder"),
+    [
+        # Beside a SQLite file.
+        ("sqlite:////data/crm/warehouse.db", "/data/crm/warehouse.db-events"),
+        # A server database: a local folder named after the database.
+        ("postgresql+psycopg://root@127.0.0.1:5432/crm", ".livecrm/events/crm"),
+    ],
+)
+def test_default_events_folder(url, folder):
+    assert str(default_events_folder(url)) == folder
