@@ -3,8 +3,8 @@
 A large broadcast brings ten million heartbeats or more. As SQL rows they are slow to
 write and to read back, and a read turns every ID into a Python string: about 1.6 GB of
 memory per million events. In a Parquet file the text columns are dictionary-encoded,
-so a member's ID is stored once and each event holds a small integer code; the
-sessions read 10 million events in about a second and hold them in about 250 MB.
+so a member's ID is stored once per row group and each event stores a small integer
+code. The sessions read 10 million events in about a second into about 250 MB.
 
 The file of a broadcast is replaced whole: the new rows go to a temporary file in the
 same folder, which is then renamed over the old one, so a reader sees either the old
@@ -49,8 +49,7 @@ SCHEMA = pa.schema(
         for name in COLUMNS
     ]
 )
-# Row groups of this many events let a reader skip groups by type statistics and keep
-# the writer's buffers small.
+# Events per Parquet row group, close to pyarrow's default of 1,048,576 rows.
 _ROW_GROUP = 1_000_000
 
 
@@ -107,7 +106,7 @@ class EventFiles:
         types = None if types is None else list(types)
         path = self.path(broadcast_id)
         if not path.exists():
-            # An empty result would pass for a broadcast nobody watched; a step that
+            # An empty result would look like a broadcast without viewers, but a step that
             # looks in the wrong folder (a worker without LIVECRM_EVENT_STORE) must fail.
             raise FileNotFoundError(
                 f"no raw events of broadcast {broadcast_id!r} in {self.folder}: materialize "

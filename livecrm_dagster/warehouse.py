@@ -78,7 +78,7 @@ IN_CHUNK = 10_000
 class Warehouse:
     """Reads and writes the warehouse tables through one SQLAlchemy engine.
 
-    `events_folder` holds the raw viewer events' files; by default it sits beside a
+    `events_folder` contains the raw viewer events' files; by default it sits beside a
     SQLite file, or under `.livecrm/events/<database>` for a server database.
     """
 
@@ -212,7 +212,7 @@ class Warehouse:
 
 
 def default_events_folder(url: str) -> Path:
-    """Return where a warehouse keeps its raw events unless told otherwise."""
+    """Return the raw events' folder of a warehouse whose `events_folder` is not set."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database)

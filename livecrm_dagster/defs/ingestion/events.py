@@ -55,8 +55,8 @@ class EventBatch:
 
 
 # Rows checked at a time. The checks make several string copies of the rows they look
-# at, so checking a partition in chunks bounds that memory whatever the partition's size;
-# the valid rows of each chunk are kept as compact Arrow-backed strings.
+# at, so checking a partition in chunks bounds that memory whatever the partition's size.
+# The valid rows of each chunk are kept as compact Arrow-backed strings.
 CHUNK_ROWS = 250_000
 
 
