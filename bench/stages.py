@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from generate import BROADCAST_ID, STARTS_AT, Scenario, write_inputs
 
-from livecrm_dagster.event_files import EventFiles
+from livecrm_dagster.event_files import COLUMNS, EventFiles
 
 # The columns the `viewing_sessions` and `viewer_summary` assets read from the event files.
 SUMMARY_EVENT_COLUMNS = [
@@ -35,17 +35,7 @@ SUMMARY_EVENT_COLUMNS = [
 ]
 
 ZONE = ZoneInfo("Asia/Tokyo")
-TEXT_COLUMNS = [
-    "event_id",
-    "member_id",
-    "device_id",
-    "type",
-    "product_id",
-    "question_id",
-    "answer",
-    "coupon_code",
-    "text",
-]
+TEXT_COLUMNS = [column for column in COLUMNS if column not in ("occurred_at", "is_correct")]
 
 
 def _status_kib(field: str) -> int:
@@ -119,21 +109,7 @@ def prepare_valid_events(scenario: Scenario, folder: Path) -> pd.DataFrame:
     correct = events["is_correct"].map({"true": True, "false": False, "": pd.NA})
     events["is_correct"] = correct.astype("boolean")
     events = events.sort_values(["occurred_at", "event_id"]).reset_index(drop=True)
-    return events[
-        [
-            "event_id",
-            "member_id",
-            "device_id",
-            "type",
-            "occurred_at",
-            "product_id",
-            "question_id",
-            "answer",
-            "is_correct",
-            "coupon_code",
-            "text",
-        ]
-    ]
+    return events[COLUMNS]
 
 
 def stage_prepare(scenario: Scenario, folder: Path) -> None:

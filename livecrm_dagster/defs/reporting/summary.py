@@ -7,7 +7,11 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from livecrm_dagster.defs.sessions.sessionize import VIEWING_TYPES, label_codes
+from livecrm_dagster.defs.sessions.sessionize import (
+    VIEWING_TYPES,
+    instants_from_ticks,
+    label_codes,
+)
 
 SUMMARY_COLUMNS = [
     "member_id",
@@ -123,11 +127,8 @@ def viewer_summary(
 def _instants_or_missing(ticks: np.ndarray, dtype, index: pd.Index) -> pd.Series:
     """Turn per-member ticks into times; a member without events (a sentinel) gets NaT."""
     missing = (ticks == np.iinfo(np.int64).max) | (ticks == np.iinfo(np.int64).min)
-    unit = getattr(dtype, "unit", None) or np.datetime_data(dtype)[0]
-    values = pd.Series(np.where(missing, 0, ticks).view(f"datetime64[{unit}]"), index=index)
-    if getattr(dtype, "tz", None) is not None:
-        values = values.dt.tz_localize("UTC").dt.tz_convert(dtype.tz)
-    return values.astype(dtype).mask(missing)
+    values = instants_from_ticks(np.where(missing, 0, ticks), dtype)
+    return values.set_axis(index).mask(missing)
 
 
 def _as_strings(events: pd.DataFrame) -> pd.DataFrame:

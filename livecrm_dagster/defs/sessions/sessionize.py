@@ -203,8 +203,8 @@ def _merge_devices(
                 member_ids[device_sessions["member"][order][heads]], dtype=object
             ),
             "session_no": session_no + 1,
-            "started_at": _instants(merged_start, times_dtype),
-            "ended_at": _instants(merged_end, times_dtype),
+            "started_at": instants_from_ticks(merged_start, times_dtype),
+            "ended_at": instants_from_ticks(merged_end, times_dtype),
             "watched_seconds": np.maximum(watched_ticks, 0) / _ticks_per_second(times_dtype),
             "events": np.add.reduceat(device_sessions["events"][order], heads).astype(np.int64),
             "events_inside": np.add.reduceat(inside_counts[order], heads).astype(np.int64),
@@ -213,8 +213,8 @@ def _merge_devices(
     )[SESSION_COLUMNS]
 
 
-def _instants(ticks: np.ndarray, times_dtype) -> pd.Series:
-    """Turn integer ticks back into the events' time dtype, zone included."""
+def instants_from_ticks(ticks: np.ndarray, times_dtype) -> pd.Series:
+    """Turn integer ticks (see `_ticks`) back into the events' time dtype, zone included."""
     values = pd.Series(ticks.view(f"datetime64[{_unit(times_dtype)}]"))
     if getattr(times_dtype, "tz", None) is not None:
         values = values.dt.tz_localize("UTC").dt.tz_convert(times_dtype.tz)
