@@ -10,6 +10,7 @@ SQLite and to a PostgreSQL database created for the run and dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,6 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DERIVED = ("viewing_sessions", "viewer_summary", "order_attribution", "followup_audience")
+# The generator's parameters set with --set, the same for every scale.
+SCENARIO: dict[str, float] = {}
+
 # Ours for "sessions + viewer summary": the assets' read of the event file and their
 # computations. DuckDB's figure likewise includes scanning the same file.
 OURS = ("read events", "sessions", "watched_by_member", "viewer_summary")
@@ -29,7 +33,10 @@ OURS = ("read events", "sessions", "watched_by_member", "viewer_summary")
 
 def _child(*arguments: str) -> dict:
     command = [sys.executable, str(HERE / "stages.py"), *arguments]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=HERE, check=False)
+    environment = {**os.environ, "LIVECRM_BENCH_SCENARIO": json.dumps(SCENARIO)}
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=HERE, check=False, env=environment
+    )
     if done.returncode != 0:
         raise SystemExit(f"stage {arguments[0]} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +136,23 @@ def growth(results: list[dict]) -> None:
                 print(f"    {name:<38} {ratio:>6.2f}x  {verdict}")
 
 
+def _scenario_parameters(settings: list[str], parser: argparse.ArgumentParser) -> dict:
+    from generate import Scenario
+
+    fields = {field.name: field.type for field in dataclasses.fields(Scenario)}
+    parameters = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if name not in fields or name == "events":
+            known = ", ".join(sorted(set(fields) - {"events"}))
+            parser.error(f"--set {setting!r}: unknown parameter; known: {known}")
+        try:
+            parameters[name] = int(value) if fields[name] in (int, "int") else float(value)
+        except ValueError:
+            parser.error(f"--set {setting!r}: {value!r} is not a number")
+    return parameters
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -160,7 +184,18 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=tempfile.gettempdir(), help="folder for generated files"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter of bench/generate.py's Scenario, for example length_minutes=90, "
+        "heartbeat_seconds=5, missing_view_end_share=0.5, second_device_share=0.1, "
+        "duplicate_share=0.05 or cancelled_share=0.2; repeatable. The member count "
+        "follows from the events, the broadcast length and the views per member.",
+    )
     args = parser.parse_args()
+    SCENARIO.update(_scenario_parameters(args.set, parser))
     scales = [1_000_000] if args.quick else args.events
 
     print(

@@ -10,6 +10,7 @@ outside Python's allocator and slows pandas several times.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ SUMMARY_EVENT_COLUMNS = [
 ]
 
 ZONE = ZoneInfo("Asia/Tokyo")
+SCENARIO_VARIABLE = "LIVECRM_BENCH_SCENARIO"
 TEXT_COLUMNS = [column for column in COLUMNS if column not in ("occurred_at", "is_correct")]
 
 
@@ -333,7 +335,8 @@ def stage_write(folder: Path, url: str, label: str) -> None:
 
 def main(argv: list[str]) -> None:
     stage, folder, events = argv[0], Path(argv[1]), int(argv[2])
-    scenario = Scenario(events=events)
+    # run.py passes the generator's parameters other than the event count as JSON.
+    scenario = Scenario(events=events, **json.loads(os.environ.get(SCENARIO_VARIABLE, "{}")))
     if stage == "generate":
         stage_generate(scenario, folder)
     elif stage == "prepare":
