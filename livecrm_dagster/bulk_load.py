@@ -148,8 +148,16 @@ def insert_rows(
 
 
 def _arrow_table(frame: pd.DataFrame, kinds: Mapping[str, str]) -> pa.Table:
-    """Convert a frame to Arrow with the schema's types, with None, NaN, NA and NaT as null."""
-    arrays = [_arrow_column(frame[column], kinds[column]) for column in frame.columns]
+    """Convert a frame to Arrow with the schema's types, with None, NaN, NA and NaT as null.
+
+    A value that does not fit its column's type raises ValueError naming the column.
+    """
+    arrays = []
+    for column in frame.columns:
+        try:
+            arrays.append(_arrow_column(frame[column], kinds[column]))
+        except (TypeError, ValueError, OverflowError, UnicodeError, pa.ArrowException) as error:
+            raise ValueError(f"column {column!r} ({kinds[column]}): {error}") from error
     return pa.Table.from_arrays(arrays, names=list(frame.columns))
 
 
@@ -169,11 +177,15 @@ def _arrow_column(series: pd.Series, kind: str) -> pa.Array:
 
 def _arrow_text(series: pd.Series) -> pa.Array:
     try:
-        return pa.array(series, type=_ARROW_TYPES[TEXT], from_pandas=True)
+        text = pa.array(series, type=_ARROW_TYPES[TEXT], from_pandas=True)
     except pa.ArrowException:
         # Values that are not strings, such as numbers or booleans, are stored as str().
-        text = series.astype(str).where(series.notna(), None)
-        return pa.array(text, type=_ARROW_TYPES[TEXT], from_pandas=True)
+        strings = series.astype(str).where(series.notna(), None)
+        text = pa.array(strings, type=_ARROW_TYPES[TEXT], from_pandas=True)
+    # PostgreSQL's text cannot hold NUL, so both databases reject it alike.
+    if pa_compute.any(pa_compute.match_substring(text, "\x00")).as_py():
+        raise ValueError("text contains a NUL character, which PostgreSQL cannot store")
+    return text
 
 
 def _utc_microseconds(series: pd.Series) -> pd.Series:

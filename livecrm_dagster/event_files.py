@@ -88,7 +88,7 @@ class EventFiles:
         self,
         broadcast_id: str,
         columns: list[str] | None = None,
-        types: Iterable[str] | None = None,
+        types: str | Iterable[str] | None = None,
         categorical: bool = False,
     ) -> pd.DataFrame:
         """Read a broadcast's events in time order, optionally only some columns and types.
@@ -103,7 +103,11 @@ class EventFiles:
         if unknown:
             raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
         stored = [name for name in wanted if name != "broadcast_id"]
-        types = None if types is None else list(types)
+        # A read of `broadcast_id` alone still needs one stored column for the row count.
+        read_columns = stored or ["type"]
+        types = [types] if isinstance(types, str) else None if types is None else list(types)
+        if types is not None and not all(isinstance(kind, str) for kind in types):
+            raise ValueError(f"event types must be strings, got {types!r}")
         path = self.path(broadcast_id)
         if not path.exists():
             # An empty result would look like a broadcast without viewers, but a step that
@@ -114,10 +118,10 @@ class EventFiles:
             )
         if types != []:
             filters = [("type", "in", types)] if types is not None else None
-            table = pq.read_table(path, columns=stored, filters=filters)
+            table = pq.read_table(path, columns=read_columns, filters=filters)
         else:
             table = SCHEMA.empty_table()
-        frame = _pandas(table.select(stored), categorical)
+        frame = _pandas(table.select(read_columns), categorical)
         del table
         # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
         pa.default_memory_pool().release_unused()
@@ -139,7 +143,8 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
         repeated = events.loc[events["event_id"].duplicated(), "event_id"].iloc[0]
         raise ValueError(f"raw_viewer_events: event_id {repeated!r} appears twice in one write")
     occurred = events["occurred_at"] if "occurred_at" in events.columns else None
-    if occurred is not None and len(occurred) and occurred.notna().any():
+    naive = occurred is not None and pd.api.types.is_datetime64_dtype(occurred.dtype)
+    if naive or (occurred is not None and occurred.notna().any()):
         if not isinstance(occurred.dtype, pd.DatetimeTZDtype):
             raise ValueError("refusing to store times without a zone in 'occurred_at'")
     if occurred is not None and not occurred.is_monotonic_increasing:

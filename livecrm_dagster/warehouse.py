@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Warehouse:
     def __init__(self, url: str, events_folder: str | Path | None = None):
         self.url = url
         self.events = EventFiles(events_folder or default_events_folder(url))
+        _create_private_sqlite_file(url)
         connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
         self.engine: Engine = sa.create_engine(url, connect_args=connect_args)
         if self.engine.dialect.name == "sqlite":
@@ -218,6 +220,22 @@ def default_events_folder(url: str) -> Path:
         database = Path(parsed.database)
         return database.with_name(database.name + "-events")
     return Path(".livecrm") / "events" / (parsed.database or "default")
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """Create a new SQLite warehouse file readable by its owner only.
+
+    The members table stores e-mail addresses and LINE IDs. SQLite gives its -wal and
+    -shm files the database file's permissions, so they are private too.
+    """
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    try:
+        descriptor = os.open(parsed.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(descriptor)
 
 
 def _sqlite_write_ahead_log(connection, _record) -> None:

@@ -216,3 +216,26 @@ def test_warehouse_reads_and_replaces_events_by_broadcast(warehouse_url, tmp_pat
 )
 def test_default_events_folder(url, folder):
     assert str(default_events_folder(url)) == folder
+
+
+def test_read_of_broadcast_id_alone_keeps_rows(files):
+    files.replace(
+        "b1", _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:01:00Z", ""))
+    )
+
+    assert files.read("b1", columns=["broadcast_id"])["broadcast_id"].tolist() == ["b1", "b1"]
+
+
+def test_type_filter_takes_one_type_or_a_list(files):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+
+    assert files.read("b1", types="chat")["event_id"].tolist() == ["e1"]
+    with pytest.raises(ValueError, match="event types must be strings"):
+        files.read("b1", types=[None])
+
+
+def test_empty_naive_times_are_refused(files):
+    empty = _events().assign(occurred_at=pd.Series(dtype="datetime64[us]"))
+
+    with pytest.raises(ValueError, match="without a zone"):
+        files.replace("b1", empty)

@@ -115,6 +115,19 @@ def test_invalid_json_line_is_quarantined(source):
     assert broken.loc[1, "reason"] == "line is not a JSON object"
 
 
+def test_half_emoji_escape_is_quarantined(source):
+    path = source.root / "viewer_events" / "events.jsonl"
+    path.parent.mkdir(parents=True)
+    chat = json.dumps(_event("e1", type="chat")).replace('"e1"', '"e1", "text": "hi \\ud83d"')
+    path.write_text(chat + "\n" + json.dumps(_event("e2")) + "\n", encoding="utf-8")
+
+    rows, broken = read_file(path)
+
+    assert rows["event_id"].tolist() == ["e2"]
+    assert broken[LINE].tolist() == [1]
+    assert broken.loc[0, "reason"] == "'text' contains a lone surrogate escape (half an emoji)"
+
+
 def test_parquet_reads_as_strings(tmp_path):
     path = tmp_path / "orders.parquet"
     frame = pd.DataFrame(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 import pandas as pd
 import psycopg
 import pytest
@@ -234,3 +236,13 @@ def test_booleans_and_floats_round_trip(warehouse_url):
     flags = _sorted(store.read("members"), "member_id")["consent_line"]
     assert flags[0]
     assert pd.isna(flags[1])
+
+
+def test_new_sqlite_warehouse_is_private(tmp_path):
+    store = Warehouse(f"sqlite:///{tmp_path / 'private.db'}")
+    store.replace_table("members", pd.DataFrame({"member_id": ["m1"], "email": ["a@example.com"]}))
+
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+
+    assert modes["private.db"] == 0o600
+    assert all(mode == 0o600 for name, mode in modes.items() if name.startswith("private.db-"))

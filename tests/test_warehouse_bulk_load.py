@@ -174,7 +174,7 @@ def test_integers_with_null_round_trip(warehouse_url):
 
 def test_fractional_integers_are_rejected(warehouse_url):
     store = Warehouse(warehouse_url)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"column 'amount' \(int\): cannot safely cast"):
         store.replace_partition("viewer_summary", "b1", _summary(1, amount=[2.5]))
 
 
@@ -290,3 +290,40 @@ def test_partition_keys_start_with_broadcast_id():
     for name, (columns, keys) in SCHEMAS.items():
         if "broadcast_id" in dict(columns):
             assert keys[0] == "broadcast_id", name
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        # PostgreSQL's text type cannot hold NUL; SQLite could, but both reject it alike.
+        ("member_id", "a\x00b", r"column 'member_id' \(text\): text contains a NUL character"),
+        # Half of a surrogate pair is no Unicode text in any database.
+        ("member_id", "hi \ud83d", r"column 'member_id' \(text\)"),
+        # A fraction in an integer column.
+        ("session_no", 1.5, r"column 'session_no' \(int\)"),
+        # Beyond the 64-bit range of bigint.
+        ("events", 2**63, r"column 'events' \(int\)"),
+    ],
+)
+def test_bad_value_names_its_column(warehouse_url, column, value, message):
+    store = Warehouse(warehouse_url)
+    sessions = pd.DataFrame(
+        {
+            "member_id": ["m1"],
+            "session_no": [1],
+            "started_at": pd.to_datetime(["2024-06-10T11:00:00Z"]),
+            "ended_at": pd.to_datetime(["2024-06-10T11:01:00Z"]),
+            "watched_seconds": [60.0],
+            "events": [7],
+            "events_inside": [7],
+            "devices": [1],
+        }
+    )
+    store.replace_partition("viewing_sessions", "b1", sessions)
+    broken = sessions.astype({column: object})
+    broken.loc[0, column] = value
+
+    with pytest.raises(ValueError, match=message):
+        store.replace_partition("viewing_sessions", "b1", broken)
+
+    assert store.read("viewing_sessions", broadcast_id="b1")["member_id"].tolist() == ["m1"]

@@ -298,8 +298,20 @@ def _parse_json_line(line: str) -> tuple[dict | None, str | None]:
         text = _to_text(item)
         if "\x00" in text or "\x00" in key:
             return None, f"{key} contains a NUL character"
+        if not _is_encodable(text) or not _is_encodable(key):
+            # A JSON escape of half a surrogate pair (half an emoji) decodes to a string
+            # that no UTF-8 store or Arrow column accepts.
+            return None, f"{key[:40]!r} contains a lone surrogate escape (half an emoji)"
         record[str(key)] = text
     return record, None
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_json_lines(path: Path, lines: _DecodedLines) -> tuple[pd.DataFrame, pd.DataFrame]:
