@@ -6,9 +6,9 @@ memory per million events. In a Parquet file the text columns are dictionary-enc
 so a member's ID is stored once per row group and each event stores a small integer
 code. The sessions read 10 million events in about a second into about 250 MB.
 
-The file of a broadcast is replaced whole: the new rows go to a temporary file in the
-same folder, which is then renamed over the old one, so a reader sees either the old
-rows or the new ones and a failed write leaves the old file in place. Rows are kept in
+The file of a broadcast is replaced whole. The new rows go to a temporary file in the
+same folder, which is then renamed over the old one. A reader therefore sees either the
+old rows or the new ones, and a failed write leaves the old file in place. Rows are kept in
 time order (ties in the order written), which the sessions rely on to avoid a sort.
 """
 
@@ -98,14 +98,17 @@ class EventFiles:
         instead, which is what a whole large partition needs to fit in memory; the
         analytics accept both.
         """
-        wanted = list(columns) if columns else ["broadcast_id", *COLUMNS]
-        unknown = sorted(set(wanted) - set(COLUMNS) - {"broadcast_id"})
+        requested = list(columns) if columns else ["broadcast_id", *COLUMNS]
+        unknown = sorted(set(requested) - set(COLUMNS) - {"broadcast_id"})
         if unknown:
             raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
-        stored = [name for name in wanted if name != "broadcast_id"]
+        stored = [name for name in requested if name != "broadcast_id"]
         # A read of `broadcast_id` alone still needs one stored column for the row count.
         read_columns = stored or ["type"]
-        types = [types] if isinstance(types, str) else None if types is None else list(types)
+        if isinstance(types, str):
+            types = [types]
+        elif types is not None:
+            types = list(types)
         if types is not None and not all(isinstance(kind, str) for kind in types):
             raise ValueError(f"event types must be strings, got {types!r}")
         path = self.path(broadcast_id)
@@ -125,9 +128,9 @@ class EventFiles:
         del table
         # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
         pa.default_memory_pool().release_unused()
-        if "broadcast_id" in wanted:
+        if "broadcast_id" in requested:
             frame["broadcast_id"] = broadcast_id
-        return frame[wanted]
+        return frame[requested]
 
 
 def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:

@@ -352,9 +352,9 @@ class SendLedger:
         return Claim("frequency_cap")
 
     def _offer_taken(self, key: str, offer_key: str) -> bool:
-        """Tell whether the row's own member holds the offer through another row.
+        """Return whether the row's own member has the offer through another row.
 
-        Only then did the claim fail on the offer index; otherwise it was the cap.
+        Only then did the claim fail on the offer index. Otherwise the cap index failed it.
         """
         member = (
             sa.select(send_ledger.c.member_id)

@@ -158,7 +158,7 @@ class _Decisions:
         subject: pd.Series | None = None,
         text: pd.Series | None = None,
     ) -> None:
-        """Give `action` to the members not yet decided for whom `matches` is true.
+        """Assign `action` to each undecided member where `matches` is true.
 
         `reason`, `subject` and `text` are one value for all, or Series indexed by member.
         """

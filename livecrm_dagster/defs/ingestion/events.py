@@ -172,8 +172,8 @@ def drop_duplicate_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     """
     if events.empty:
         return events, empty_quarantine(), 0
-    # Only IDs that occur more than once need their payloads compared; they are a few
-    # percent of a partition, so the others are never hashed or grouped.
+    # Only IDs that occur more than once need their payloads compared. They are a few
+    # percent of a partition, so the other rows are never hashed or grouped.
     shared_at = np.flatnonzero(events["event_id"].duplicated(keep=False).to_numpy())
     shared = events.iloc[shared_at]
     fingerprint = pd.util.hash_pandas_object(shared[EVENT_COLUMNS], index=False).to_numpy()

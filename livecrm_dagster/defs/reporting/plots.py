@@ -161,28 +161,21 @@ def render_concurrent_viewers(
     axes.set_ylim(bottom=0, top=max(1, int(viewers.max()) if len(viewers) else 1) * 1.15)
     # Ticks sit in a band at the bottom of the plot: x in data, y in axes coordinates.
     band = axes.get_xaxis_transform()
-    axes.plot(
-        click_times.dt.tz_convert(zone),
-        np.full(len(click_times), 0.03),
-        linestyle="none",
-        marker="|",
-        markersize=10,
-        color="#9467bd",
-        transform=band,
-        clip_on=False,
-        label=f"product clicks ({len(click_times)})",
-    )
-    axes.plot(
-        purchase_times.dt.tz_convert(zone),
-        np.full(len(purchase_times), 0.09),
-        linestyle="none",
-        marker="^",
-        markersize=7,
-        color="#2ca02c",
-        transform=band,
-        clip_on=False,
-        label=f"purchases during the live ({len(purchase_times)})",
-    )
+    for instants, height, marker, size, color, label in (
+        (click_times, 0.03, "|", 10, "#9467bd", "product clicks"),
+        (purchase_times, 0.09, "^", 7, "#2ca02c", "purchases during the live"),
+    ):
+        axes.plot(
+            instants.dt.tz_convert(zone),
+            np.full(len(instants), height),
+            linestyle="none",
+            marker=marker,
+            markersize=size,
+            color=color,
+            transform=band,
+            clip_on=False,
+            label=f"{label} ({len(instants)})",
+        )
     axes.set_xlim(times[0], times[-1])
     axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=zone))
     axes.set_xlabel(f"shop time ({zone.key})")

@@ -67,7 +67,7 @@ def viewing_sessions(
 def label_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Return each row's integer code and the labels the codes index; -1 marks a missing value.
 
-    A categorical column already holds its codes, so nothing is hashed; strings are
+    A categorical column already contains its codes, so nothing is hashed. Strings are
     factorized. Working on codes instead of strings is what keeps a partition of ten
     million events fast and small.
     """
