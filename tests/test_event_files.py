@@ -125,6 +125,19 @@ def test_failed_write_keeps_previous_file(files, monkeypatch):
             _events(("e2", "2024-06-10T11:01:00Z", ""), ("e2", "2024-06-10T11:02:00Z", "")),
             "event_id 'e2' appears twice",
         ),
+        # The repeat is found among many unique IDs, wherever it sits.
+        (
+            _events(
+                *[(f"e{number}", "2024-06-10T11:01:00Z", "") for number in range(1000)],
+                ("e500", "2024-06-10T11:03:00Z", ""),
+            ),
+            "event_id 'e500' appears twice",
+        ),
+        # An event without an ID could never be told apart from a repeat.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).assign(event_id=None),
+            "1 events without an event_id",
+        ),
         # A row of another broadcast in this broadcast's write.
         (
             _events(("e2", "2024-06-10T11:01:00Z", "")).assign(broadcast_id="b2"),

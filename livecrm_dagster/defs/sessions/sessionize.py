@@ -50,16 +50,18 @@ def viewing_sessions(
     if not len(rows):
         return pd.DataFrame(columns=SESSION_COLUMNS)
     occurred = events["occurred_at"]
-    ticks = _ticks(occurred)
+    ticks = _ticks(occurred)[rows]
+    # A partition is stored in time order, which the grouping below keeps; other input
+    # is put in time order first.
+    if len(rows) > 1 and not np.all(ticks[1:] >= ticks[:-1]):
+        in_time = np.argsort(ticks, kind="stable")
+        rows, ticks = rows[in_time], ticks[in_time]
+    # From here on only the viewing rows' values are used, taken once in row order.
     device_codes, device_ids = label_codes(events["device_id"])
-    view_end = _lookup(types == "view_end", type_codes) & _lookup(device_ids != "", device_codes)
+    members, devices = member_codes[rows], device_codes[rows]
+    closes = _lookup(types == "view_end", type_codes[rows]) & _lookup(device_ids != "", devices)
     sessions = _device_sessions(
-        rows,
-        member_codes,
-        device_codes,
-        ticks,
-        view_end,
-        _ticks_per_second(occurred.dtype) * timeout_seconds,
+        members, devices, ticks, closes, _ticks_per_second(occurred.dtype) * timeout_seconds
     )
     return _merge_devices(sessions, member_ids, occurred.dtype, starts_at, ends_at)
 
@@ -104,34 +106,31 @@ def _tick(instant: pd.Timestamp, times_dtype) -> int:
 
 
 def _device_sessions(
-    rows: np.ndarray,
-    member_codes: np.ndarray,
-    device_codes: np.ndarray,
+    members: np.ndarray,
+    devices: np.ndarray,
     ticks: np.ndarray,
-    view_end: np.ndarray,
+    closes: np.ndarray,
     timeout_ticks: float,
 ) -> dict[str, np.ndarray]:
-    """Cut each (member, device)'s events into sessions; return one array entry per session."""
-    # Put the rows in (member, device, time) order. A partition is stored in time order,
-    # so a stable grouping by (member, device) is enough; otherwise sort by time first.
-    row_ticks = ticks[rows]
-    if len(rows) > 1 and not np.all(row_ticks[1:] >= row_ticks[:-1]):
-        rows = rows[np.argsort(row_ticks, kind="stable")]
-    positions, groups = _stable_group_order(member_codes[rows], device_codes[rows])
-    order = rows[positions]
+    """Cut each (member, device)'s events into sessions; return one array entry per session.
 
-    times = ticks[order]
-    starts_new = np.ones(len(order), dtype=bool)
+    The arguments hold one entry per viewing event, in time order: member and device
+    codes, the instant, and whether the event closes its device's session.
+    """
+    positions, groups = _stable_group_order(members, devices)
+    times = ticks[positions]
+    starts_new = np.ones(len(positions), dtype=bool)
     starts_new[1:] = (
         (groups[1:] != groups[:-1])
         | ((times[1:] - times[:-1]) > timeout_ticks)
-        | view_end[order[:-1]]
+        | closes[positions[:-1]]
     )
     first = np.flatnonzero(starts_new)
-    last = np.append(first[1:], len(order)) - 1
+    last = np.append(first[1:], len(positions)) - 1
+    heads = positions[first]
     return {
-        "member": member_codes[order[first]],
-        "device": device_codes[order[first]],
+        "member": members[heads],
+        "device": devices[heads],
         "start": times[first],
         "end": times[last],
         "events": last - first + 1,
