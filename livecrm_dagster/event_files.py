@@ -34,21 +34,31 @@ COLUMNS = [name for name, _ in SCHEMAS["raw_viewer_events"][0] if name != "broad
 # types, products, questions), so they are stored as dictionaries. Event IDs are unique.
 _DICTIONARY = [name for name in COLUMNS if name not in ("event_id", "occurred_at", "is_correct")]
 _DICTIONARY_TYPE = pa.dictionary(pa.int32(), pa.string())
-SCHEMA = pa.schema(
-    [
-        pa.field(
-            name,
-            _DICTIONARY_TYPE
-            if name in _DICTIONARY
-            else pa.timestamp("us", tz="UTC")
-            if name == "occurred_at"
-            else pa.bool_()
-            if name == "is_correct"
-            else pa.string(),
-        )
-        for name in COLUMNS
-    ]
-)
+
+
+def _schema(text_type: pa.DataType) -> pa.Schema:
+    fields = []
+    for name in COLUMNS:
+        if name == "occurred_at":
+            fields.append(pa.field(name, pa.timestamp("us", tz="UTC")))
+        elif name == "is_correct":
+            fields.append(pa.field(name, pa.bool_()))
+        else:
+            fields.append(pa.field(name, text_type if name in _DICTIONARY else pa.string()))
+    return pa.schema(fields)
+
+
+# The columns as a read returns them: repeated text as dictionaries.
+SCHEMA = _schema(_DICTIONARY_TYPE)
+# The columns as written: plain text, which the Parquet writer dictionary-encodes per row
+# group with a dictionary of the values in that row group only. An Arrow dictionary
+# would be written whole into every row group, so a large broadcast's member IDs would
+# be stored, and decoded on every read, once per million events.
+_WRITTEN = _schema(pa.string())
+# A row group's dictionary may hold every value of a column (chat texts are mostly
+# distinct); past this size the writer would fall back to plain pages, which a read
+# must then hash into a dictionary again.
+_DICTIONARY_PAGE_LIMIT = 256 * 1024 * 1024
 # Events per Parquet row group, close to pyarrow's default of 1,048,576 rows.
 _ROW_GROUP = 1_000_000
 
@@ -81,6 +91,7 @@ class EventFiles:
                     row_group_size=_ROW_GROUP,
                     # Event IDs are unique, so a dictionary would only be built and dropped.
                     use_dictionary=_DICTIONARY,
+                    dictionary_pagesize_limit=_DICTIONARY_PAGE_LIMIT,
                 )
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -128,7 +139,12 @@ class EventFiles:
             )
         if types != []:
             filters = [("type", "in", types)] if types is not None else None
-            table = pq.read_table(path, columns=read_columns, filters=filters)
+            table = pq.read_table(
+                path,
+                columns=read_columns,
+                filters=filters,
+                read_dictionary=[name for name in read_columns if name in _DICTIONARY],
+            )
         else:
             table = SCHEMA.empty_table()
         frame = _pandas(table.select(read_columns), categorical)
@@ -156,10 +172,10 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
             raise ValueError("refusing to store times without a zone in 'occurred_at'")
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
-    arrays = [_arrow_column(events, field) for field in SCHEMA]
+    arrays = [_arrow_column(events, field) for field in _WRITTEN]
     if "event_id" in events.columns:
         _check_unique(arrays[COLUMNS.index("event_id")])
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=_WRITTEN)
 
 
 def _check_unique(event_ids: pa.Array | pa.ChunkedArray) -> None:
@@ -190,10 +206,8 @@ def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:
     if field.name == "is_correct":
         return pa.array(column.astype("boolean"), pa.bool_())
     if isinstance(column.dtype, pd.CategoricalDtype):
-        strings = pa.array(column.astype(object), pa.string(), from_pandas=True)
-    else:
-        strings = pa.array(column, pa.string(), from_pandas=True)
-    return pc.dictionary_encode(strings) if field.type == _DICTIONARY_TYPE else strings
+        return pa.array(column.astype(object), pa.string(), from_pandas=True)
+    return pa.array(column, pa.string(), from_pandas=True)
 
 
 def _pandas(table: pa.Table, categorical: bool) -> pd.DataFrame:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import stat
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from livecrm_dagster import event_files
 from livecrm_dagster.event_files import EventFiles
 from livecrm_dagster.warehouse import Warehouse, default_events_folder
 
@@ -88,6 +91,44 @@ def test_categorical_read_holds_the_same_values(files):
         left = plain[column].astype(object).where(plain[column].notna(), None)
         right = coded[column].astype(object).where(coded[column].notna(), None)
         assert left.tolist() == right.tolist(), column
+
+
+def test_row_groups_store_only_their_own_members(files, monkeypatch):
+    # A large broadcast spans many row groups. Each must hold the IDs that occur in it,
+    # not every member of the broadcast, or a read decodes all members once per group.
+    monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
+    rows = [(f"e{number}", f"2024-06-10T11:00:0{number}Z", "") for number in range(6)]
+    events = _events(*rows).assign(member_id=["m1", "m1", "m2", "m2", "m3", None])
+    files.replace("b1", events)
+
+    parquet = pq.ParquetFile(files.path("b1"), read_dictionary=["member_id"])
+    dictionaries = [
+        parquet.read_row_group(group, columns=["member_id"]).column(0).chunk(0).dictionary
+        for group in range(parquet.num_row_groups)
+    ]
+    assert [dictionary.to_pylist() for dictionary in dictionaries] == [["m1"], ["m2"], ["m3"]]
+    coded = files.read("b1", columns=["member_id"], categorical=True)["member_id"]
+    assert coded.astype(object).where(coded.notna(), None).tolist() == [
+        "m1", "m1", "m2", "m2", "m3", None,
+    ]  # fmt: skip
+
+
+def test_file_written_with_one_dictionary_reads_the_same(files):
+    # Files written before the row groups kept their own dictionaries store one Arrow
+    # dictionary for the whole column; they must read back unchanged.
+    rows = [(f"e{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
+    files.replace("b1", _events(*rows))
+    current = files.read("b1")
+    table = pq.read_table(files.path("b1"))
+    encoded = table.set_column(
+        table.schema.get_field_index("text"), "text", pc.dictionary_encode(table["text"])
+    )
+    pq.write_table(encoded, files.path("b1"))
+
+    assert pq.read_schema(files.path("b1")).field("text").type == pa.dictionary(
+        pa.int32(), pa.string()
+    )
+    pd.testing.assert_frame_equal(files.read("b1"), current)
 
 
 def test_replace_swaps_the_whole_partition(files):
