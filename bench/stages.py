@@ -73,11 +73,11 @@ class Recorder:
         rows: Callable[[object], int] | None = None,
         repeat: int = 1,
     ):
-        """Run `work` `repeat` times; record the fastest run and the highest peak.
+        """Run `work` `repeat` times and record the fastest run and the highest peak.
 
-        Stages of a second or two vary by a third between single runs on a quiet
-        machine, which swamps a growth ratio; the fastest of several runs (as `timeit`
-        reports) varies far less. Every run does the whole work from the same inputs.
+        Single runs of a stage of a second or two varied by a third on a quiet machine,
+        which swamps a growth ratio. The fastest of several runs, which `timeit` also
+        reports, varies far less. Every run does the whole work from the same inputs.
         """
         rss_before = _status_kib("VmRSS") / 1024
         peak_reset = _reset_peak()

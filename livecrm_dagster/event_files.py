@@ -55,8 +55,8 @@ SCHEMA = _schema(_DICTIONARY_TYPE)
 # would be written whole into every row group, so a large broadcast's member IDs would
 # be stored, and decoded on every read, once per million events.
 _WRITTEN = _schema(pa.string())
-# A row group's dictionary may hold every value of a column (chat texts are mostly
-# distinct); past this size the writer would fall back to plain pages, which a read
+# A row group's dictionary may contain every value of a column, because chat texts are
+# mostly distinct. Past this size the writer falls back to plain pages, which a read
 # must then hash into a dictionary again.
 _DICTIONARY_PAGE_LIMIT = 256 * 1024 * 1024
 # Events per Parquet row group, close to pyarrow's default of 1,048,576 rows.
@@ -185,7 +185,10 @@ def _check_unique(event_ids: pa.Array | pa.ChunkedArray) -> None:
     thirds of the time pandas needs on ten million IDs.
     """
     if event_ids.null_count:
-        raise ValueError(f"raw_viewer_events: {event_ids.null_count} events without an event_id")
+        raise ValueError(
+            f"raw_viewer_events: event_id is missing on {event_ids.null_count} events; "
+            "validation quarantines such rows before they are stored"
+        )
     if isinstance(event_ids, pa.ChunkedArray):
         event_ids = event_ids.combine_chunks()
     encoded = pc.dictionary_encode(event_ids)

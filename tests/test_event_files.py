@@ -174,10 +174,10 @@ def test_failed_write_keeps_previous_file(files, monkeypatch):
             ),
             "event_id 'e500' appears twice",
         ),
-        # An event without an ID could never be told apart from a repeat.
+        # An event without an ID cannot be checked for repeats.
         (
             _events(("e2", "2024-06-10T11:01:00Z", "")).assign(event_id=None),
-            "1 events without an event_id",
+            "event_id is missing on 1 events",
         ),
         # A row of another broadcast in this broadcast's write.
         (
