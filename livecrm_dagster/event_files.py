@@ -116,7 +116,10 @@ class EventFiles:
         instead, which is what a whole large partition needs to fit in memory; the
         analytics accept both.
         """
-        requested = list(columns) if columns else ["broadcast_id", *COLUMNS]
+        requested = list(columns) if columns is not None else ["broadcast_id", *COLUMNS]
+        repeated = sorted({name for name in requested if requested.count(name) > 1})
+        if repeated:
+            raise ValueError(f"raw_viewer_events: columns listed more than once: {repeated}")
         unknown = sorted(set(requested) - set(COLUMNS) - {"broadcast_id"})
         if unknown:
             raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
@@ -173,20 +176,23 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
     arrays = [_arrow_column(events, field) for field in _WRITTEN]
-    if "event_id" in events.columns:
-        _check_unique(arrays[COLUMNS.index("event_id")])
+    if "event_id" not in events.columns:
+        raise ValueError("raw_viewer_events: the event_id column is missing")
+    _check_event_ids(arrays[COLUMNS.index("event_id")])
     return pa.Table.from_arrays(arrays, schema=_WRITTEN)
 
 
-def _check_unique(event_ids: pa.Array | pa.ChunkedArray) -> None:
-    """Raise ValueError unless every event has an ID and no ID occurs twice.
+def _check_event_ids(event_ids: pa.Array | pa.ChunkedArray) -> None:
+    """Raise ValueError unless every event has a non-empty ID and no ID occurs twice.
 
     Arrow's hash table over the column already built for the file takes about two
     thirds of the time pandas needs on ten million IDs.
     """
-    if event_ids.null_count:
+    empty = pc.sum(pc.equal(event_ids, "")).as_py() or 0
+    missing = event_ids.null_count + empty
+    if missing:
         raise ValueError(
-            f"raw_viewer_events: event_id is missing on {event_ids.null_count} events; "
+            f"raw_viewer_events: event_id is missing on {missing} events; "
             "validation quarantines such rows before they are stored"
         )
     if isinstance(event_ids, pa.ChunkedArray):
@@ -204,13 +210,18 @@ def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:
     if field.name not in events.columns:
         return pa.nulls(len(events), field.type)
     column = events[field.name]
-    if field.name == "occurred_at":
-        return pa.array(column.dt.tz_convert("UTC").astype("datetime64[us, UTC]"), field.type)
-    if field.name == "is_correct":
-        return pa.array(column.astype("boolean"), pa.bool_())
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return pa.array(column.astype(object), pa.string(), from_pandas=True)
-    return pa.array(column, pa.string(), from_pandas=True)
+    try:
+        if field.name == "occurred_at":
+            return pa.array(column.dt.tz_convert("UTC").astype("datetime64[us, UTC]"), field.type)
+        if field.name == "is_correct":
+            return pa.array(column.astype("boolean"), pa.bool_())
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            return pa.array(column.astype(object), pa.string(), from_pandas=True)
+        return pa.array(column, pa.string(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"raw_viewer_events: column {field.name!r} cannot be stored as {field.type}: {error}"
+        ) from error
 
 
 def _pandas(table: pa.Table, categorical: bool) -> pd.DataFrame:

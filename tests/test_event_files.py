@@ -174,10 +174,23 @@ def test_failed_write_keeps_previous_file(files, monkeypatch):
             ),
             "event_id 'e500' appears twice",
         ),
-        # An event without an ID cannot be checked for repeats.
+        # An event without an ID cannot be checked for repeats, and "" is no ID either.
         (
             _events(("e2", "2024-06-10T11:01:00Z", "")).assign(event_id=None),
             "event_id is missing on 1 events",
+        ),
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", ""), ("", "2024-06-10T11:02:00Z", "")),
+            "event_id is missing on 1 events",
+        ),
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).drop(columns="event_id"),
+            "the event_id column is missing",
+        ),
+        # A value of the wrong type names its column.
+        (
+            _events(("e2", "2024-06-10T11:01:00Z", "")).assign(event_id=[7]),
+            "column 'event_id' cannot be stored as string",
         ),
         # A row of another broadcast in this broadcast's write.
         (
@@ -278,6 +291,24 @@ def test_read_of_broadcast_id_alone_keeps_rows(files):
     )
 
     assert files.read("b1", columns=["broadcast_id"])["broadcast_id"].tolist() == ["b1", "b1"]
+
+
+def test_read_of_no_columns_keeps_rows(files):
+    files.replace(
+        "b1", _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:01:00Z", ""))
+    )
+
+    frame = files.read("b1", columns=[])
+
+    assert list(frame.columns) == []
+    assert len(frame) == 2
+
+
+def test_read_of_a_column_twice_is_rejected(files):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+
+    with pytest.raises(ValueError, match=r"columns listed more than once: \['type'\]"):
+        files.read("b1", columns=["type", "member_id", "type"])
 
 
 def test_type_filter_takes_one_type_or_a_list(files):

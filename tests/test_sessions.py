@@ -322,3 +322,19 @@ def test_categorical_events_give_the_same_sessions(seed):
     plain = viewing_sessions(events, STARTS_AT, ENDS_AT, TIMEOUT)
 
     pd.testing.assert_frame_equal(viewing_sessions(coded, STARTS_AT, ENDS_AT, TIMEOUT), plain)
+
+
+def test_empty_and_missing_device_are_one_device():
+    events = [
+        _event("m1", "20:00:00", device_id=""),
+        _event("m1", "20:00:10", device_id=None),
+        _event("m1", "20:00:20", "view_end", device_id=""),
+        _event("m1", "20:00:30", device_id=None),
+    ]
+
+    sessions = _sessions(events)
+
+    # The view_end of an unknown device closes nothing, so one session runs to 20:00:30.
+    assert sessions["devices"].tolist() == [1]
+    assert sessions["events"].tolist() == [4]
+    assert sessions["watched_seconds"].tolist() == [30.0]

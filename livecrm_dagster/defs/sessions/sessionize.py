@@ -5,6 +5,9 @@
   `view_end` closes its device's session; a session without one ends at its last event.
   Events without a device ID count as one device whose `view_end` closes nothing,
   because it cannot be told apart from another device still playing.
+- Events of one device at the same instant count in the order stored. Stored events
+  are in (occurred_at, event_id) order, so a `view_end` and a heartbeat at the same
+  microsecond are ordered by their IDs.
 - A member's device sessions that overlap or touch are merged, not added.
 - Watched seconds are the length of the merged sessions clipped to the broadcast's
   start and end; the viewing rate is watched seconds over the broadcast's length.
@@ -59,7 +62,9 @@ def viewing_sessions(
     # From here on only the viewing rows' values are used, taken once in row order.
     device_codes, device_ids = label_codes(events["device_id"])
     members, devices = member_codes[rows], device_codes[rows]
-    closes = _lookup(types == "view_end", type_codes[rows]) & _lookup(device_ids != "", devices)
+    # An empty device ID and a missing one are the same device: the unknown one (-1).
+    devices = np.where(_lookup(device_ids == "", devices), -1, devices)
+    closes = _lookup(types == "view_end", type_codes[rows]) & (devices >= 0)
     sessions = _device_sessions(
         members, devices, ticks, closes, _ticks_per_second(occurred.dtype) * timeout_seconds
     )
