@@ -164,6 +164,8 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
     unknown = sorted(set(events.columns) - set(COLUMNS) - {"broadcast_id"})
     if unknown:
         raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
+    if "event_id" not in events.columns:
+        raise ValueError("raw_viewer_events: the event_id column is missing")
     if "broadcast_id" in events.columns and not (events["broadcast_id"] == broadcast_id).all():
         raise ValueError(
             f"raw_viewer_events: rows outside broadcast_id={broadcast_id!r} in a write for it"
@@ -176,8 +178,6 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
     arrays = [_arrow_column(events, field) for field in _WRITTEN]
-    if "event_id" not in events.columns:
-        raise ValueError("raw_viewer_events: the event_id column is missing")
     _check_event_ids(arrays[COLUMNS.index("event_id")])
     return pa.Table.from_arrays(arrays, schema=_WRITTEN)
 
