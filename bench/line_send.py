@@ -165,7 +165,7 @@ def main() -> None:
     delivered = LineMock.recipients
     # Checked with `if`, not `assert`, so python -O cannot skip the once-only check.
     if result.sent != args.members or len(delivered) != args.members:
-        raise SystemExit(f"not every member was sent to once: {result.counts()}")
+        raise SystemExit(f"the step did not reach every member exactly once: {result.counts()}")
     if max(delivered.values()) != 1:
         raise SystemExit("a member received the step more than once")
     if not (rows["status"] == "sent").all():

@@ -38,10 +38,10 @@ SUMMARY_EVENT_COLUMNS = [
 ZONE = ZoneInfo("Asia/Tokyo")
 SCENARIO_VARIABLE = "LIVECRM_BENCH_SCENARIO"
 TEXT_COLUMNS = [column for column in COLUMNS if column not in ("occurred_at", "is_correct")]
-# Runs of each stage that takes seconds, not minutes; the fastest counts (see Recorder).
+# Runs of each stage that takes seconds, not minutes. The fastest run counts (see Recorder).
 REPEATS = 3
-# A plain numpy copy of one 8-byte value per event: not the project's work, but the
-# machine's own cost of touching that much memory, for reading the growth ratios.
+# A plain numpy copy of one 8-byte value per event. It is not the project's work but the
+# machine's own cost of touching that much memory, a reference for the growth ratios.
 MACHINE_COPY = "machine: copy 8 bytes per event"
 MACHINE_COPY_REPEATS = 5
 

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import psycopg
 
-from livecrm_dagster.tables import BOOL, FLOAT, INT, SCHEMAS, TIME
-from livecrm_dagster.warehouse import Warehouse
+from livecrm_dagster.tables import SCHEMAS, TIME
+from livecrm_dagster.warehouse import Warehouse, typed_frame
 
 TABLES = ("viewing_sessions", "viewer_summary", "order_attribution", "followup_audience")
 STARTS_AT = pd.Timestamp("2026-11-20T11:00:00Z")
@@ -208,20 +208,13 @@ def _canonical(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """Return the frame with one dtype per column kind, sorted by the primary key."""
     columns, keys = SCHEMAS[name]
     frame = frame.copy()
-    for column, kind in columns:
+    for column, _ in columns:
         if column not in frame.columns:
             frame[column] = None
+    frame = typed_frame(frame[[column for column, _ in columns]], name)
+    for column, kind in columns:
         if kind == TIME:
-            frame[column] = pd.to_datetime(frame[column], utc=True).astype("datetime64[us, UTC]")
-        elif kind == INT:
-            frame[column] = frame[column].astype("Int64")
-        elif kind == FLOAT:
-            frame[column] = frame[column].astype("float64")
-        elif kind == BOOL:
-            frame[column] = frame[column].astype("boolean")
-        else:
-            frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
-    frame = frame[[column for column, _ in columns]]
+            frame[column] = frame[column].astype("datetime64[us, UTC]")
     return frame.sort_values(list(keys)).reset_index(drop=True)
 
 

@@ -50,10 +50,10 @@ def _schema(text_type: pa.DataType) -> pa.Schema:
 
 # The columns as a read returns them: repeated text as dictionaries.
 SCHEMA = _schema(_DICTIONARY_TYPE)
-# The columns as written: plain text, which the Parquet writer dictionary-encodes per row
-# group with a dictionary of the values in that row group only. An Arrow dictionary
-# would be written whole into every row group, so a large broadcast's member IDs would
-# be stored, and decoded on every read, once per million events.
+# The columns as written: plain text, which the Parquet writer dictionary-encodes with a
+# dictionary per row group of the values in that row group. Parquet writes an Arrow
+# dictionary whole into every row group, which repeats all of a broadcast's member IDs
+# once per million events, in the file and in every read.
 _WRITTEN = _schema(pa.string())
 # A row group's dictionary may contain every value of a column, because chat texts are
 # mostly distinct. Past this size the writer falls back to plain pages, which a read
@@ -119,7 +119,7 @@ class EventFiles:
         requested = list(columns) if columns is not None else ["broadcast_id", *COLUMNS]
         repeated = sorted({name for name in requested if requested.count(name) > 1})
         if repeated:
-            raise ValueError(f"raw_viewer_events: columns listed more than once: {repeated}")
+            raise ValueError(f"raw_viewer_events: duplicate columns in the read: {repeated}")
         unknown = sorted(set(requested) - set(COLUMNS) - {"broadcast_id"})
         if unknown:
             raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")

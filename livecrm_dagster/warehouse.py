@@ -190,7 +190,7 @@ class Warehouse:
             if kinds[column] == INT and frame[column].dtype == "float64":
                 # from_records makes integers with NULLs float64, which rounds above 2**53.
                 frame[column] = pd.array([row[position] for row in rows], dtype="Int64")
-        return _typed(frame, name)
+        return typed_frame(frame, name)
 
     def read_partition(
         self, name: str, broadcast_id: str, columns: list[str] | None = None
@@ -289,7 +289,8 @@ def _conform(frame: pd.DataFrame, name: str, where: Mapping[str, object]) -> pd.
     return frame[list(kinds)]
 
 
-def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+def typed_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Set each column of a table's frame to the dtype of its kind and return the frame."""
     for column, kind in column_kinds(name).items():
         if column not in frame.columns:
             continue

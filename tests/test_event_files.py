@@ -93,8 +93,8 @@ def test_categorical_read_holds_the_same_values(files):
         assert left.tolist() == right.tolist(), column
 
 
-def test_row_groups_store_only_their_own_members(files, monkeypatch):
-    # A large broadcast spans many row groups. Each must hold the IDs that occur in it,
+def test_row_group_keeps_own_dictionary(files, monkeypatch):
+    # A large broadcast spans many row groups. Each must contain only the IDs that occur in it,
     # not every member of the broadcast, or a read decodes all members once per group.
     monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
     rows = [(f"e{number}", f"2024-06-10T11:00:0{number}Z", "") for number in range(6)]
@@ -113,7 +113,7 @@ def test_row_groups_store_only_their_own_members(files, monkeypatch):
     ]  # fmt: skip
 
 
-def test_file_written_with_one_dictionary_reads_the_same(files):
+def test_old_dictionary_file_reads_same(files):
     # Files written before the row groups kept their own dictionaries store one Arrow
     # dictionary for the whole column; they must read back unchanged.
     rows = [(f"e{number}", "2024-06-10T11:00:00Z", text) for number, text in enumerate(TEXTS)]
@@ -293,7 +293,7 @@ def test_read_of_broadcast_id_alone_keeps_rows(files):
     assert files.read("b1", columns=["broadcast_id"])["broadcast_id"].tolist() == ["b1", "b1"]
 
 
-def test_read_of_no_columns_keeps_rows(files):
+def test_read_no_columns_keeps_rows(files):
     files.replace(
         "b1", _events(("e1", "2024-06-10T11:00:00Z", ""), ("e2", "2024-06-10T11:01:00Z", ""))
     )
@@ -304,10 +304,10 @@ def test_read_of_no_columns_keeps_rows(files):
     assert len(frame) == 2
 
 
-def test_read_of_a_column_twice_is_rejected(files):
+def test_read_duplicate_column_rejected(files):
     files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
 
-    with pytest.raises(ValueError, match=r"columns listed more than once: \['type'\]"):
+    with pytest.raises(ValueError, match=r"duplicate columns in the read: \['type'\]"):
         files.read("b1", columns=["type", "member_id", "type"])
 
 

@@ -324,7 +324,7 @@ def test_categorical_events_give_the_same_sessions(seed):
     pd.testing.assert_frame_equal(viewing_sessions(coded, STARTS_AT, ENDS_AT, TIMEOUT), plain)
 
 
-def test_empty_and_missing_device_are_one_device():
+def test_empty_and_missing_device_same():
     events = [
         _event("m1", "20:00:00", device_id=""),
         _event("m1", "20:00:10", device_id=None),

@@ -62,7 +62,7 @@ def viewing_sessions(
     # From here on only the viewing rows' values are used, taken once in row order.
     device_codes, device_ids = label_codes(events["device_id"])
     members, devices = member_codes[rows], device_codes[rows]
-    # An empty device ID and a missing one are the same device: the unknown one (-1).
+    # An empty device ID and a missing one are the same unknown device, code -1.
     devices = np.where(_lookup(device_ids == "", devices), -1, devices)
     closes = _lookup(types == "view_end", type_codes[rows]) & (devices >= 0)
     sessions = _device_sessions(
@@ -117,7 +117,7 @@ def _device_sessions(
     closes: np.ndarray,
     timeout_ticks: float,
 ) -> dict[str, np.ndarray]:
-    """Cut each (member, device)'s events into sessions; return one array entry per session.
+    """Cut each (member, device)'s events into sessions, with one array entry per session.
 
     The arguments hold one entry per viewing event, in time order: member and device
     codes, the instant, and whether the event closes its device's session.
