@@ -4,28 +4,35 @@ A large broadcast brings ten million heartbeats or more. As SQL rows they are sl
 write and to read back, and a read turns every ID into a Python string: about 1.6 GB of
 memory per million events. In a Parquet file the text columns are dictionary-encoded,
 so a member's ID is stored once per row group and each event stores a small integer
-code. The sessions read 10 million events in about a second into about 250 MB.
+code.
 
 The file of a broadcast is replaced whole. The new rows go to a temporary file in the
 same folder, which is then renamed over the old one. A reader therefore sees either the
-old rows or the new ones, and a failed write leaves the old file in place. Rows are kept in
-time order (ties in the order written), which the sessions rely on to avoid a sort.
+old rows or the new ones, and a failed write leaves the old file in place.
+
+The file is laid out in member blocks. Each block is one row group and holds every event
+of a range of members, in member ID order from block to block; events without a member
+come last, in blocks of their own. Inside a block the events are in time order (ties in
+the order written). The sessions and the viewer summary read one block at a time, so
+their work on ten million events is many small pieces that each fit the CPU's caches,
+and their time grows in step with the events. A whole read puts the rows back in time
+order with a stored position column.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from livecrm_dagster.event_layout import check_event_ids, member_blocks
 from livecrm_dagster.tables import SCHEMAS
 
 # The table's columns but `broadcast_id`, which names the file.
@@ -59,8 +66,14 @@ _WRITTEN = _schema(pa.string())
 # mostly distinct. Past this size the writer falls back to plain pages, which a read
 # must then hash into a dictionary again.
 _DICTIONARY_PAGE_LIMIT = 256 * 1024 * 1024
-# Events per Parquet row group, close to pyarrow's default of 1,048,576 rows.
+# Events per member block (one row group), close to pyarrow's default of 1,048,576 rows.
+# A block is larger only when one member alone has more events.
 _ROW_GROUP = 1_000_000
+# The row's place in time order, stored beside the events; a whole read sorts by it.
+_POSITION = "time_position"
+# Files written before the member blocks lack this key; they are one time-ordered block.
+_LAYOUT_KEY = b"livecrm.layout"
+_MEMBER_BLOCKS = b"member-blocks"
 
 
 class EventFiles:
@@ -76,7 +89,7 @@ class EventFiles:
 
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
         """Replace the broadcast's events with `events`, atomically; return the row count."""
-        table = _arrow_table(broadcast_id, events)
+        blocks = member_blocks(_arrow_table(broadcast_id, events), _ROW_GROUP, _POSITION)
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(broadcast_id)
         handle, temporary = tempfile.mkstemp(prefix=".writing-", suffix=".parquet", dir=self.folder)
@@ -84,15 +97,19 @@ class EventFiles:
             # Chat text may carry personal details, so the files are readable by the owner only.
             os.fchmod(handle, 0o600)
             with os.fdopen(handle, "wb") as sink:
-                pq.write_table(
-                    table,
+                schema = _WRITTEN.append(pa.field(_POSITION, pa.int64()))
+                with pq.ParquetWriter(
                     sink,
+                    schema.with_metadata({_LAYOUT_KEY: _MEMBER_BLOCKS}),
                     compression="zstd",
-                    row_group_size=_ROW_GROUP,
                     # Event IDs are unique, so a dictionary would only be built and dropped.
                     use_dictionary=_DICTIONARY,
                     dictionary_pagesize_limit=_DICTIONARY_PAGE_LIMIT,
-                )
+                    # Positions rise inside a block, so their differences pack small.
+                    column_encoding={_POSITION: "DELTA_BINARY_PACKED"},
+                ) as writer:
+                    for block in blocks:
+                        writer.write_table(block, row_group_size=block.num_rows)
                 sink.flush()
                 os.fsync(sink.fileno())
             os.replace(temporary, target)
@@ -100,7 +117,7 @@ class EventFiles:
             Path(temporary).unlink(missing_ok=True)
             raise
         _sync_folder(self.folder)
-        return table.num_rows
+        return sum(block.num_rows for block in blocks)
 
     def read(
         self,
@@ -116,13 +133,7 @@ class EventFiles:
         instead, which is what a whole large partition needs to fit in memory; the
         analytics accept both.
         """
-        requested = list(columns) if columns is not None else ["broadcast_id", *COLUMNS]
-        repeated = sorted({name for name in requested if requested.count(name) > 1})
-        if repeated:
-            raise ValueError(f"raw_viewer_events: duplicate columns in the read: {repeated}")
-        unknown = sorted(set(requested) - set(COLUMNS) - {"broadcast_id"})
-        if unknown:
-            raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
+        requested = _requested(columns)
         stored = [name for name in requested if name != "broadcast_id"]
         # A read of `broadcast_id` alone still needs one stored column for the row count.
         read_columns = stored or ["type"]
@@ -132,6 +143,55 @@ class EventFiles:
             types = list(types)
         if types is not None and not all(isinstance(kind, str) for kind in types):
             raise ValueError(f"event types must be strings, got {types!r}")
+        path = self._existing(broadcast_id)
+        if types != []:
+            filters = [("type", "in", types)] if types is not None else None
+            blocked = _is_blocked(path)
+            table = pq.read_table(
+                path,
+                columns=read_columns + ([_POSITION] if blocked else []),
+                filters=filters,
+                read_dictionary=[name for name in read_columns if name in _DICTIONARY],
+            )
+            in_time = _time_order(table, pq.read_metadata(path).num_rows) if blocked else None
+        else:
+            table, in_time = SCHEMA.empty_table(), None
+        frame = _pandas(table.select(read_columns), categorical)
+        del table
+        if in_time is not None:
+            frame = frame.take(in_time).reset_index(drop=True)
+        # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
+        pa.default_memory_pool().release_unused()
+        if "broadcast_id" in requested:
+            frame["broadcast_id"] = broadcast_id
+        return frame[requested]
+
+    def blocks(
+        self, broadcast_id: str, columns: list[str], categorical: bool = False
+    ) -> Iterator[pd.DataFrame]:
+        """Yield a broadcast's events one member block at a time.
+
+        Each block holds every event of its members, in time order, and no member's events
+        are in two blocks. Blocks come in member ID order; events without a member come
+        in the last blocks. A categorical block's categories are the values in that block
+        alone. A file written before the member blocks is one block, and so is an empty
+        partition, so there is always at least one.
+        """
+        requested = _requested(columns)
+        if "broadcast_id" in requested:
+            raise ValueError("raw_viewer_events: blocks are read without broadcast_id")
+        path = self._existing(broadcast_id)
+        parquet = pq.ParquetFile(
+            path, read_dictionary=[name for name in requested if name in _DICTIONARY]
+        )
+        if not _is_blocked(path) or parquet.num_row_groups == 0:
+            yield self.read(broadcast_id, columns=requested, categorical=categorical)
+            return
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=requested or ["type"])
+            yield _pandas(table, categorical)[requested]
+
+    def _existing(self, broadcast_id: str) -> Path:
         path = self.path(broadcast_id)
         if not path.exists():
             # An empty result would look like a broadcast without viewers, but a step that
@@ -140,23 +200,31 @@ class EventFiles:
                 f"no raw events of broadcast {broadcast_id!r} in {self.folder}: materialize "
                 "raw_viewer_events for it, or point LIVECRM_EVENT_STORE at the folder it wrote"
             )
-        if types != []:
-            filters = [("type", "in", types)] if types is not None else None
-            table = pq.read_table(
-                path,
-                columns=read_columns,
-                filters=filters,
-                read_dictionary=[name for name in read_columns if name in _DICTIONARY],
-            )
-        else:
-            table = SCHEMA.empty_table()
-        frame = _pandas(table.select(read_columns), categorical)
-        del table
-        # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
-        pa.default_memory_pool().release_unused()
-        if "broadcast_id" in requested:
-            frame["broadcast_id"] = broadcast_id
-        return frame[requested]
+        return path
+
+
+def _requested(columns: list[str] | None) -> list[str]:
+    requested = list(columns) if columns is not None else ["broadcast_id", *COLUMNS]
+    repeated = sorted({name for name in requested if requested.count(name) > 1})
+    if repeated:
+        raise ValueError(f"raw_viewer_events: duplicate columns in the read: {repeated}")
+    unknown = sorted(set(requested) - set(COLUMNS) - {"broadcast_id"})
+    if unknown:
+        raise ValueError(f"raw_viewer_events: columns not in the table schema: {unknown}")
+    return requested
+
+
+def _is_blocked(path: Path) -> bool:
+    metadata = pq.read_schema(path).metadata or {}
+    return metadata.get(_LAYOUT_KEY) == _MEMBER_BLOCKS
+
+
+def _time_order(table: pa.Table, rows_in_file: int) -> np.ndarray:
+    """Return the order that puts read rows back in time order, from their positions."""
+    positions = table.column(_POSITION).to_numpy()
+    place = np.full(rows_in_file, -1, dtype=np.int64)
+    place[positions] = np.arange(len(positions))
+    return place[place >= 0]
 
 
 def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
@@ -178,32 +246,8 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
     arrays = [_arrow_column(events, field) for field in _WRITTEN]
-    _check_event_ids(arrays[COLUMNS.index("event_id")])
+    check_event_ids(arrays[COLUMNS.index("event_id")])
     return pa.Table.from_arrays(arrays, schema=_WRITTEN)
-
-
-def _check_event_ids(event_ids: pa.Array | pa.ChunkedArray) -> None:
-    """Raise ValueError unless every event has a non-empty ID and no ID occurs twice.
-
-    Arrow's hash table over the column already built for the file takes about two
-    thirds of the time pandas needs on ten million IDs.
-    """
-    empty = pc.sum(pc.equal(event_ids, "")).as_py() or 0
-    missing = event_ids.null_count + empty
-    if missing:
-        raise ValueError(
-            f"raw_viewer_events: event_id is missing on {missing} events; "
-            "validation quarantines such rows before they are stored"
-        )
-    if isinstance(event_ids, pa.ChunkedArray):
-        event_ids = event_ids.combine_chunks()
-    encoded = pc.dictionary_encode(event_ids)
-    if len(encoded.dictionary) == len(event_ids):
-        return
-    codes = pd.Series(encoded.indices.to_numpy())
-    repeated = codes.loc[codes.duplicated()].iloc[0]
-    value = encoded.dictionary[int(repeated)].as_py()
-    raise ValueError(f"raw_viewer_events: event_id {value!r} appears twice in one write")
 
 
 def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:

@@ -93,24 +93,96 @@ def test_categorical_read_holds_the_same_values(files):
         assert left.tolist() == right.tolist(), column
 
 
-def test_row_group_keeps_own_dictionary(files, monkeypatch):
-    # A large broadcast spans many row groups. Each must contain only the IDs that occur in it,
-    # not every member of the broadcast, or a read decodes all members once per group.
+def _interleaved() -> pd.DataFrame:
+    """Eight events of three members and two anonymous viewers, one second apart."""
+    rows = [(f"e{number}", f"2024-06-10T11:00:0{number}Z", "") for number in range(8)]
+    members = ["m2", "m1", "", "m2", "m3", "m1", None, "m3"]
+    return _events(*rows).assign(member_id=members)
+
+
+def test_blocks_hold_whole_members_in_id_order(files, monkeypatch):
+    # Each block is one row group holding every event of a range of members. Its dictionary
+    # contains only its own IDs, not every member of the broadcast, or a read would decode
+    # all members once per block.
     monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
-    rows = [(f"e{number}", f"2024-06-10T11:00:0{number}Z", "") for number in range(6)]
-    events = _events(*rows).assign(member_id=["m1", "m1", "m2", "m2", "m3", None])
-    files.replace("b1", events)
+    files.replace("b1", _interleaved())
 
     parquet = pq.ParquetFile(files.path("b1"), read_dictionary=["member_id"])
     dictionaries = [
         parquet.read_row_group(group, columns=["member_id"]).column(0).chunk(0).dictionary
         for group in range(parquet.num_row_groups)
     ]
-    assert [dictionary.to_pylist() for dictionary in dictionaries] == [["m1"], ["m2"], ["m3"]]
-    coded = files.read("b1", columns=["member_id"], categorical=True)["member_id"]
-    assert coded.astype(object).where(coded.notna(), None).tolist() == [
-        "m1", "m1", "m2", "m2", "m3", None,
+    assert [dictionary.to_pylist() for dictionary in dictionaries] == [
+        ["m1"], ["m2"], ["m3"], [""],
     ]  # fmt: skip
+    blocks = list(files.blocks("b1", columns=["event_id", "member_id"], categorical=True))
+    assert [block["event_id"].tolist() for block in blocks] == [
+        ["e1", "e5"], ["e0", "e3"], ["e4", "e7"], ["e2", "e6"],
+    ]  # fmt: skip
+    assert isinstance(blocks[0]["member_id"].dtype, pd.CategoricalDtype)
+    assert blocks[0]["member_id"].cat.categories.tolist() == ["m1"]
+    # A whole read puts the rows back in time order.
+    whole = files.read("b1", columns=["event_id", "member_id"], categorical=True)
+    assert whole["event_id"].tolist() == [f"e{number}" for number in range(8)]
+    assert whole["member_id"].astype(object).where(whole["member_id"].notna(), None).tolist() == [
+        "m2", "m1", "", "m2", "m3", "m1", None, "m3",
+    ]  # fmt: skip
+
+
+def test_member_with_more_events_than_a_block_stays_whole(files, monkeypatch):
+    monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
+    members = ["m1", "m2", "m2", "m2", "m2", "m3", "m1", "m3"]
+    files.replace("b1", _interleaved().assign(member_id=members))
+
+    blocks = list(files.blocks("b1", columns=["member_id", "occurred_at"]))
+
+    assert [block["member_id"].tolist() for block in blocks] == [
+        ["m1", "m1"], ["m2"] * 4, ["m3", "m3"],
+    ]  # fmt: skip
+    assert all(block["occurred_at"].is_monotonic_increasing for block in blocks)
+
+
+def test_type_filter_keeps_time_order_across_blocks(files, monkeypatch):
+    monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
+    events = _interleaved()
+    events["type"] = ["chat", "like", "chat", "like", "chat", "chat", "like", "chat"]
+    files.replace("b1", events)
+
+    chats = files.read("b1", columns=["event_id"], types="chat")
+
+    assert chats["event_id"].tolist() == ["e0", "e2", "e4", "e5", "e7"]
+
+
+def test_blocks_of_an_empty_partition(files):
+    files.replace("b1", _events().astype({"occurred_at": "datetime64[us, UTC]"}))
+
+    (block,) = files.blocks("b1", columns=["member_id", "occurred_at"])
+    assert block.empty
+    assert str(block["occurred_at"].dtype) == "datetime64[us, UTC]"
+    assert files.read("b1", columns=["member_id"]).empty
+
+
+def test_blocks_refuse_broadcast_id_and_unknown_columns(files):
+    files.replace("b1", _interleaved())
+
+    with pytest.raises(ValueError, match="without broadcast_id"):
+        next(files.blocks("b1", columns=["broadcast_id", "member_id"]))
+    with pytest.raises(ValueError, match="not in the table schema"):
+        next(files.blocks("b1", columns=["member"]))
+
+
+def test_file_without_member_blocks_is_one_block(files):
+    # Files written before the member blocks are in time order with no layout key.
+    files.replace("b1", _interleaved())
+    current = files.read("b1")
+    table = pq.read_table(files.path("b1"))
+    in_time = pc.sort_indices(table.column(event_files._POSITION))
+    old = table.take(in_time).drop_columns([event_files._POSITION])
+    pq.write_table(old.replace_schema_metadata(None), files.path("b1"))
+
+    pd.testing.assert_frame_equal(files.read("b1"), current)
+    (block,) = files.blocks("b1", columns=["event_id", "member_id"])
+    pd.testing.assert_frame_equal(block, current[["event_id", "member_id"]])
 
 
 def test_old_dictionary_file_reads_same(files):
@@ -145,11 +217,11 @@ def test_replace_swaps_the_whole_partition(files):
 def test_failed_write_keeps_previous_file(files, monkeypatch):
     files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
 
-    def broken_disk(table, sink, **options):
-        sink.write(b"PAR1 half a file")
+    def broken_disk(writer, table, **options):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(pq, "write_table", broken_disk)
+    # The writer has opened the temporary file and written the header when this fails.
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", broken_disk)
     with pytest.raises(OSError, match="no space left"):
         files.replace("b1", _events(("e2", "2024-06-10T11:01:00Z", "")))
     monkeypatch.undo()

@@ -1,0 +1,146 @@
+"""How an event file is arranged on a write, worked out one chunk of rows at a time.
+
+A write sends every event to its member block (see `event_files`) and checks that no
+event ID occurs twice. Done on whole columns, both would move ten million rows at random
+through memory: a broadcast's columns then no longer fit the CPU's caches, and each row
+costs more than it did at four million. So both go through the time-ordered rows in
+chunks of `CHUNK`. Each chunk's rows are sent to their block, or to their ID's bucket,
+and each block or bucket is then handled on its own. Every step touches about a chunk's
+worth of memory, and the time grows in step with the events.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pandas._libs.algos import groupsort_indexer
+
+# Rows handled at once.
+CHUNK = 1_000_000
+# Event IDs per bucket of the uniqueness check: a hash table of this many IDs stays in
+# the CPU's caches.
+ID_BUCKET = 65_536
+
+
+def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Table]:
+    """Split a time-ordered table into member blocks, each in time order.
+
+    Members are taken in ID order, and a member goes to block n when the events of the
+    members before it number from n × `block_size` to (n + 1) × `block_size` - 1. A
+    member is never split, so a block passes `block_size` by less than its last member's
+    events. Events without a member (empty or missing ID) follow in blocks of
+    `block_size`. Each block gains the column `position`: every row's place in `table`.
+    """
+    chunks = [table.slice(start, CHUNK) for start in range(0, table.num_rows, CHUNK)]
+    encoded = [pc.dictionary_encode(chunk.column("member_id").combine_chunks()) for chunk in chunks]
+    members, events = _events_per_member(encoded)
+    anonymous_events = table.num_rows - int(events.sum())
+    block_of_member, member_block_count = _cut(events, block_size)
+    member_index = pd.Index(pd.arrays.ArrowStringArray(members))
+    block_count = member_block_count + -(-anonymous_events // block_size)
+
+    pieces: list[list[pa.Table]] = [[] for _ in range(block_count)]
+    start = anonymous_seen = 0
+    for chunk, codes in zip(chunks, encoded, strict=True):
+        found = member_index.get_indexer(pd.arrays.ArrowStringArray(codes.dictionary))
+        per_code = np.append(np.where(found >= 0, block_of_member[found], -1), -1)
+        blocks = per_code[codes.indices.fill_null(len(found)).to_numpy()]
+        anonymous = blocks < 0
+        ordinal = anonymous_seen + np.cumsum(anonymous) - 1
+        blocks[anonymous] = member_block_count + ordinal[anonymous] // block_size
+        anonymous_seen += int(anonymous.sum())
+        order, sizes = groupsort_indexer(blocks.astype(np.intp), block_count)
+        taken = chunk.take(pa.array(order)).append_column(position, pa.array(start + order))
+        offset = 0
+        for block, size in enumerate(sizes[1:]):
+            if size:
+                pieces[block].append(taken.slice(offset, size))
+                offset += size
+        start += chunk.num_rows
+    return [pa.concat_tables(parts) for parts in pieces if parts]
+
+
+def _events_per_member(encoded: list[pa.DictionaryArray]) -> tuple[pa.Array, np.ndarray]:
+    """Return the member IDs in ID order and each one's event count; no empty ID."""
+    values, counts = [], []
+    for codes in encoded:
+        present = codes.indices.drop_null().to_numpy()
+        values.append(codes.dictionary)
+        counts.append(np.bincount(present, minlength=len(codes.dictionary)))
+    if not values:
+        return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
+    totals = (
+        pa.table({"member_id": pa.concat_arrays(values), "events": np.concatenate(counts)})
+        .group_by("member_id")
+        .aggregate([("events", "sum")])
+        .filter(pc.field("member_id") != "")
+    )
+    in_id_order = pc.sort_indices(totals.column("member_id"))
+    members = totals.column("member_id").take(in_id_order).combine_chunks()
+    return members, totals.column("events_sum").take(in_id_order).to_numpy()
+
+
+def _cut(events: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
+    """Give each member (in ID order) a block; return the blocks and their count."""
+    events_before = np.cumsum(events) - events
+    # Renumber so the blocks are 0, 1, 2, ...: a member with many events skips numbers.
+    used, blocks = np.unique(events_before // block_size, return_inverse=True)
+    return blocks, len(used)
+
+
+def check_event_ids(event_ids: pa.Array | pa.ChunkedArray) -> None:
+    """Raise ValueError unless every event has a non-empty ID and no ID occurs twice."""
+    empty = pc.sum(pc.equal(event_ids, "")).as_py() or 0
+    missing = event_ids.null_count + empty
+    if missing:
+        raise ValueError(
+            f"raw_viewer_events: event_id is missing on {missing} events; "
+            "validation quarantines such rows before they are stored"
+        )
+    bucket_count = max(1, -(-len(event_ids) // ID_BUCKET))
+    pieces: list[list[pa.Array]] = [[] for _ in range(bucket_count)]
+    for start in range(0, len(event_ids), CHUNK):
+        chunk = event_ids.slice(start, CHUNK)
+        if isinstance(chunk, pa.ChunkedArray):
+            chunk = chunk.combine_chunks()
+        order, sizes = groupsort_indexer(_buckets(chunk, bucket_count), bucket_count)
+        grouped = chunk.take(pa.array(order))
+        offset = 0
+        for bucket, size in enumerate(sizes[1:]):
+            if size:
+                pieces[bucket].append(grouped.slice(offset, size))
+                offset += size
+    for parts in pieces:
+        if parts:
+            _check_unique(pa.concat_arrays(parts))
+
+
+def _buckets(event_ids: pa.StringArray, count: int) -> np.ndarray:
+    """Return a bucket per ID from its length and last eight bytes; equal IDs share one."""
+    _, offsets_buffer, data_buffer = event_ids.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)
+    offsets = offsets[event_ids.offset : event_ids.offset + len(event_ids) + 1].astype(np.int64)
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer else np.zeros(0, np.uint8)
+    first = offsets[0]
+    # Eight zero bytes in front, so that every ID's last eight bytes can be read as one
+    # little-endian word; the bytes of a shorter ID are the word's highest ones.
+    padded = np.concatenate([np.zeros(8, np.uint8), data[first : offsets[-1]]])
+    words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, 8).astype(np.uint64)
+    tails = words[offsets[1:] - first] >> (np.uint64(8) - kept) * np.uint64(8) % np.uint64(64)
+    tails[kept == 0] = 0
+    mixed = (tails ^ lengths.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(count)).astype(np.intp)
+
+
+def _check_unique(event_ids: pa.Array) -> None:
+    encoded = pc.dictionary_encode(event_ids)
+    if len(encoded.dictionary) == len(event_ids):
+        return
+    codes = pd.Series(encoded.indices.to_numpy())
+    repeated = codes.loc[codes.duplicated()].iloc[0]
+    value = encoded.dictionary[int(repeated)].as_py()
+    raise ValueError(f"raw_viewer_events: event_id {value!r} appears twice in one write")
