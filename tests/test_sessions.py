@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from livecrm_dagster.defs.sessions.sessionize import viewing_sessions, watched_by_member
+from livecrm_dagster import event_files
+from livecrm_dagster.defs.sessions.sessionize import (
+    sessions_of_blocks,
+    viewing_sessions,
+    watched_by_member,
+)
+from livecrm_dagster.event_files import EventFiles
 
 STARTS_AT = pd.Timestamp("2024-06-10T20:00:00+09:00")
 ENDS_AT = pd.Timestamp("2024-06-10T21:00:00+09:00")
@@ -338,3 +344,55 @@ def test_empty_and_missing_device_same():
     assert sessions["devices"].tolist() == [1]
     assert sessions["events"].tolist() == [4]
     assert sessions["watched_seconds"].tolist() == [30.0]
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_devices_of_one_member_each_match_the_reference(seed):
+    # Real devices belong to one member, and the grouping then needs one pass by device.
+    events = _random_partition(seed)
+    own = events["device_id"] != ""
+    events.loc[own, "device_id"] = events["member_id"] + "/" + events["device_id"]
+
+    sessions = viewing_sessions(events, STARTS_AT, ENDS_AT, TIMEOUT)
+
+    got = [
+        (row.member_id, row.session_no, row.started_at, row.ended_at, row.watched_seconds,
+         row.events, row.devices)
+        for row in sessions.itertuples()
+    ]  # fmt: skip
+    assert got == _reference_sessions(events)
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_member_blocks_give_the_same_sessions(seed, tmp_path, monkeypatch):
+    monkeypatch.setattr(event_files, "_ROW_GROUP", 500)
+    events = _random_partition(seed)
+    events["event_id"] = [f"e{number}" for number in range(len(events))]
+    files = EventFiles(tmp_path)
+    files.replace("b1", events)
+    columns = ["member_id", "device_id", "type", "occurred_at"]
+
+    blocks = list(files.blocks("b1", columns=columns, categorical=True))
+    whole = files.read("b1", columns=columns, categorical=True)
+
+    assert len(blocks) > 2
+    pd.testing.assert_frame_equal(
+        sessions_of_blocks(blocks, STARTS_AT, ENDS_AT, TIMEOUT),
+        viewing_sessions(whole, STARTS_AT, ENDS_AT, TIMEOUT),
+    )
+
+
+def test_member_split_over_blocks_is_refused():
+    events = _frame([_event("m1", "20:00:00"), _event("m1", "20:00:10"), _event("m2", "20:00:20")])
+
+    with pytest.raises(ValueError, match="1 members are split over several blocks"):
+        sessions_of_blocks([events.iloc[:1], events.iloc[1:]], STARTS_AT, ENDS_AT, TIMEOUT)
+
+
+def test_blocks_out_of_member_order_are_put_in_order():
+    events = _frame([_event("m1", "20:00:00"), _event("m2", "20:00:10")])
+
+    sessions = sessions_of_blocks([events.iloc[1:], events.iloc[:1]], STARTS_AT, ENDS_AT, TIMEOUT)
+
+    assert sessions["member_id"].tolist() == ["m1", "m2"]
+    assert sessions.index.tolist() == [0, 1]

@@ -1,10 +1,11 @@
-"""The viewer summary of a partition read as categoricals equals the one read as strings."""
+"""The viewer summary: engagement per member, from strings, categoricals or member blocks."""
 
 from __future__ import annotations
 
 from zoneinfo import ZoneInfo
 
 import pandas as pd
+import pytest
 
 from livecrm_dagster.defs.reporting.summary import viewer_summary
 from livecrm_dagster.defs.sessions.sessionize import viewing_sessions, watched_by_member
@@ -45,8 +46,13 @@ def _events() -> pd.DataFrame:
     return frame.sort_values("occurred_at", kind="stable").reset_index(drop=True)
 
 
-def _summary(events: pd.DataFrame) -> pd.DataFrame:
-    sessions = viewing_sessions(events, STARTS_AT, ENDS_AT, 60.0)
+def _summary(
+    events: pd.DataFrame | list[pd.DataFrame], watched_from: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Summarize `events`, whole or in blocks; sessions come from `watched_from` if given."""
+    sessions = viewing_sessions(
+        events if watched_from is None else watched_from, STARTS_AT, ENDS_AT, 60.0
+    )
     watched = watched_by_member(sessions, STARTS_AT, ENDS_AT)
     attribution = pd.DataFrame(
         {
@@ -86,3 +92,18 @@ def test_categorical_events_give_the_same_summary():
     coded = events.astype({column: "category" for column in text})
 
     pd.testing.assert_frame_equal(_summary(coded), _summary(events))
+
+
+def test_member_blocks_give_the_same_summary():
+    events = _events()
+    blocks = [events.loc[events["member_id"] == member] for member in ("m2", "", "m1")]
+
+    pd.testing.assert_frame_equal(_summary(blocks, watched_from=events), _summary(events))
+
+
+def test_member_split_over_blocks_is_refused():
+    events = _events()
+
+    # In time order, the first three events are m2's like and two of m1's.
+    with pytest.raises(ValueError, match="2 members are split over several blocks"):
+        _summary([events.iloc[:3], events.iloc[3:]], watched_from=events)

@@ -48,7 +48,7 @@ def viewer_summary(
     broadcast = scheduled_broadcast(store, context.partition_key)
     sessions = store.read_partition("viewing_sessions", broadcast.broadcast_id)
     watched = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at)
-    events = store.events.read(
+    blocks = store.events.blocks(
         broadcast.broadcast_id,
         categorical=True,
         columns=[
@@ -65,7 +65,7 @@ def viewer_summary(
     profiles = store.read("members", member_id=list(watched.index))
 
     summary = summarize(
-        events, watched, attribution, profiles, broadcast.starts_at, shop_settings.get().zone
+        blocks, watched, attribution, profiles, broadcast.starts_at, shop_settings.get().zone
     )
 
     store.replace_partition("viewer_summary", broadcast.broadcast_id, summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -62,7 +63,7 @@ def age_bands(members: pd.DataFrame, on: pd.Timestamp, zone: ZoneInfo) -> pd.Ser
 
 
 def viewer_summary(
-    events: pd.DataFrame,
+    events: pd.DataFrame | Iterable[pd.DataFrame],
     watched: pd.DataFrame,
     attribution: pd.DataFrame,
     members: pd.DataFrame,
@@ -71,6 +72,8 @@ def viewer_summary(
 ) -> pd.DataFrame:
     """Build the per-member table of a broadcast's viewing members.
 
+    `events` is the broadcast's events, whole or in member blocks (see
+    `EventFiles.blocks`), each block holding every event of its members.
     `watched` is indexed by member_id (see `watched_by_member`). `attribution` contains
     this broadcast's attributed orders. Only counted orders with a positive net amount
     make a member a buyer.
@@ -78,41 +81,20 @@ def viewer_summary(
     summary = watched.copy()
     if summary.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    # Position of each event's member in the summary (-1 for others), so the per-member
-    # figures below work on integer codes instead of member ID strings.
-    codes, labels = label_codes(events["member_id"])
-    member_codes = np.append(summary.index.get_indexer(labels), -1)[codes]
-    mine = member_codes >= 0
-    ticks = events["occurred_at"].array.asi8
-    first_seen = np.full(len(summary), np.iinfo(np.int64).max)
-    last_seen = np.full(len(summary), np.iinfo(np.int64).min)
-    np.minimum.at(first_seen, member_codes[mine], ticks[mine])
-    np.maximum.at(last_seen, member_codes[mine], ticks[mine])
-    time_dtype = events["occurred_at"].dtype
-    summary["first_seen_at"] = _instants_or_missing(first_seen, time_dtype, summary.index)
-    summary["last_seen_at"] = _instants_or_missing(last_seen, time_dtype, summary.index)
-    # Viewing events are nearly all of the rows; the other types are counted from the rest,
-    # which is small enough to handle as plain strings.
-    type_codes, types = label_codes(events["type"])
-    engaged = mine & np.append(~np.isin(types, VIEWING_TYPES), True)[type_codes]
-    rare = _as_strings(events.loc[engaged])
-    rare_codes = member_codes[engaged]
-    rare_types = rare["type"].to_numpy()
-    for column, event_type in (("chats", "chat"), ("likes", "like"), ("clicks", "product_click")):
-        counts = np.bincount(rare_codes[rare_types == event_type], minlength=len(summary))
-        summary[column] = counts.astype("int64")
-    summary["clicked_product_ids"] = _joined(rare.loc[rare["type"] == "product_click"], summary)
-    answers = rare.loc[rare["type"] == "answer"]
-    summary["answers"] = _joined(
-        answers.assign(product_id=answers["question_id"] + "=" + answers["answer"]), summary
-    )
-    summary["correct_answers"] = (
-        answers.loc[answers["is_correct"].fillna(False).astype(bool)]
-        .groupby("member_id")
-        .size()
-        .reindex(summary.index, fill_value=0)
-    )
-    summary["coupon_claimed"] = _count(rare, "coupon_claim", summary.index) > 0
+    blocks = [events] if isinstance(events, pd.DataFrame) else events
+    figures = pd.concat([_event_figures(block, summary.index) for block in blocks])
+    repeated = figures.index[figures.index.duplicated()]
+    if len(repeated):
+        raise ValueError(
+            f"the events of {len(repeated.unique())} members are split over several blocks"
+        )
+    figures = figures.reindex(summary.index)
+    for column in ("chats", "likes", "clicks", "correct_answers"):
+        figures[column] = figures[column].fillna(0).astype("int64")
+    for column in ("clicked_product_ids", "answers"):
+        figures[column] = figures[column].fillna("")
+    figures["coupon_claimed"] = figures["coupon_claimed"].fillna(False).astype(bool)
+    summary = summary.join(figures)
     summary = summary.join(_purchases(attribution), how="left")
     summary["bought_during_live"] = summary["amount"].fillna(0) > 0
     for column in ("amount", "items", "post_live_amount"):
@@ -122,6 +104,50 @@ def viewer_summary(
     summary["gender"] = profile["gender"].fillna("").replace("", "unknown")
     summary["age_band"] = age_bands(profile.reset_index(), starts_at, zone).to_numpy()
     return summary.reset_index()[SUMMARY_COLUMNS]
+
+
+def _event_figures(events: pd.DataFrame, viewing: pd.Index) -> pd.DataFrame:
+    """Return the event counts and times of the viewing members found in `events`."""
+    # Position of each event's member among those members (-1 for others), so the
+    # per-member figures below work on integer codes instead of member ID strings.
+    codes, labels = label_codes(events["member_id"])
+    in_viewing = viewing.get_indexer(labels)
+    present = np.unique(in_viewing[in_viewing >= 0])
+    local = np.where(in_viewing >= 0, np.searchsorted(present, in_viewing), -1)
+    member_codes = np.append(local, -1)[codes]
+    figures = pd.DataFrame(index=viewing[present])
+    mine = member_codes >= 0
+    ticks = events["occurred_at"].array.asi8
+    first_seen = np.full(len(figures), np.iinfo(np.int64).max)
+    last_seen = np.full(len(figures), np.iinfo(np.int64).min)
+    np.minimum.at(first_seen, member_codes[mine], ticks[mine])
+    np.maximum.at(last_seen, member_codes[mine], ticks[mine])
+    time_dtype = events["occurred_at"].dtype
+    figures["first_seen_at"] = _instants_or_missing(first_seen, time_dtype, figures.index)
+    figures["last_seen_at"] = _instants_or_missing(last_seen, time_dtype, figures.index)
+    # Viewing events are nearly all of the rows; the other types are counted from the rest,
+    # which is small enough to handle as plain strings.
+    type_codes, types = label_codes(events["type"])
+    engaged = mine & np.append(~np.isin(types, VIEWING_TYPES), True)[type_codes]
+    rare = _as_strings(events.loc[engaged])
+    rare_codes = member_codes[engaged]
+    rare_types = rare["type"].to_numpy()
+    for column, event_type in (("chats", "chat"), ("likes", "like"), ("clicks", "product_click")):
+        counts = np.bincount(rare_codes[rare_types == event_type], minlength=len(figures))
+        figures[column] = counts.astype("int64")
+    figures["clicked_product_ids"] = _joined(rare.loc[rare["type"] == "product_click"], figures)
+    answers = rare.loc[rare["type"] == "answer"]
+    figures["answers"] = _joined(
+        answers.assign(product_id=answers["question_id"] + "=" + answers["answer"]), figures
+    )
+    figures["correct_answers"] = (
+        answers.loc[answers["is_correct"].fillna(False).astype(bool)]
+        .groupby("member_id")
+        .size()
+        .reindex(figures.index, fill_value=0)
+    )
+    figures["coupon_claimed"] = _count(rare, "coupon_claim", figures.index) > 0
+    return figures
 
 
 def _instants_or_missing(ticks: np.ndarray, dtype, index: pd.Index) -> pd.Series:

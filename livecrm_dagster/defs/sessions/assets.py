@@ -5,8 +5,7 @@ import dagster as dg
 from livecrm_dagster.broadcasts import scheduled_broadcast
 from livecrm_dagster.defs.ingestion.assets import raw_viewer_events
 from livecrm_dagster.defs.partitions import broadcast_partitions
-from livecrm_dagster.defs.sessions.sessionize import viewing_sessions as sessionize
-from livecrm_dagster.defs.sessions.sessionize import watched_by_member
+from livecrm_dagster.defs.sessions.sessionize import sessions_of_blocks, watched_by_member
 from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
 
 
@@ -20,13 +19,13 @@ def viewing_sessions(
     timeout = shop_settings.get().sessions.timeout_seconds
     store = warehouse.get()
     broadcast = scheduled_broadcast(store, context.partition_key)
-    events = store.events.read(
+    blocks = store.events.blocks(
         broadcast.broadcast_id,
         columns=["member_id", "device_id", "type", "occurred_at"],
         categorical=True,
     )
 
-    sessions = sessionize(events, broadcast.starts_at, broadcast.ends_at, timeout)
+    sessions = sessions_of_blocks(blocks, broadcast.starts_at, broadcast.ends_at, timeout)
     watched = watched_by_member(sessions, broadcast.starts_at, broadcast.ends_at)
 
     store.replace_partition("viewing_sessions", broadcast.broadcast_id, sessions)
