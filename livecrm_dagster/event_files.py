@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from livecrm_dagster.event_layout import check_event_ids, member_blocks
+from livecrm_dagster import event_layout
 from livecrm_dagster.tables import SCHEMAS
 
 # The table's columns but `broadcast_id`, which names the file.
@@ -89,7 +89,9 @@ class EventFiles:
 
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
         """Replace the broadcast's events with `events`, atomically; return the row count."""
-        blocks = member_blocks(_arrow_table(broadcast_id, events), _ROW_GROUP, _POSITION)
+        blocks = event_layout.member_blocks(
+            _arrow_table(broadcast_id, events), _ROW_GROUP, _POSITION
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(broadcast_id)
         handle, temporary = tempfile.mkstemp(prefix=".writing-", suffix=".parquet", dir=self.folder)
@@ -245,9 +247,15 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
             raise ValueError("refusing to store times without a zone in 'occurred_at'")
     if occurred is not None and not occurred.is_monotonic_increasing:
         events = events.iloc[np.argsort(occurred.array.asi8, kind="stable")]
-    arrays = [_arrow_column(events, field) for field in _WRITTEN]
-    check_event_ids(arrays[COLUMNS.index("event_id")])
-    return pa.Table.from_arrays(arrays, schema=_WRITTEN)
+    # A chunk at a time (see `event_layout`), so that no conversion copies a whole column.
+    chunk = event_layout.CHUNK
+    pieces = [events.iloc[start : start + chunk] for start in range(0, len(events), chunk)]
+    table = pa.concat_tables(
+        pa.Table.from_arrays([_arrow_column(piece, field) for field in _WRITTEN], schema=_WRITTEN)
+        for piece in pieces or [events]
+    )
+    event_layout.check_event_ids(table.column("event_id"))
+    return table
 
 
 def _arrow_column(events: pd.DataFrame, field: pa.Field) -> pa.Array:

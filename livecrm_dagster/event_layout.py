@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+# pandas' own counting sort, which its groupby uses: a stable order of dense integer
+# codes in linear time. It is not public API; pandas is pinned and the tests run it.
 from pandas._libs.algos import groupsort_indexer
 
 # Rows handled at once.
@@ -34,7 +37,7 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
     `block_size`. Each block gains the column `position`: every row's place in `table`.
     """
     chunks = [table.slice(start, CHUNK) for start in range(0, table.num_rows, CHUNK)]
-    encoded = [pc.dictionary_encode(chunk.column("member_id").combine_chunks()) for chunk in chunks]
+    encoded = [pc.dictionary_encode(_one_array(chunk.column("member_id"))) for chunk in chunks]
     members, events = _events_per_member(encoded)
     anonymous_events = table.num_rows - int(events.sum())
     block_of_member, member_block_count = _cut(events, block_size)
@@ -60,6 +63,13 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
                 offset += size
         start += chunk.num_rows
     return [pa.concat_tables(parts) for parts in pieces if parts]
+
+
+def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Return the values as one array, without a copy when they are one chunk already."""
+    if isinstance(values, pa.Array):
+        return values
+    return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
 
 
 def _events_per_member(encoded: list[pa.DictionaryArray]) -> tuple[pa.Array, np.ndarray]:
@@ -102,9 +112,7 @@ def check_event_ids(event_ids: pa.Array | pa.ChunkedArray) -> None:
     bucket_count = max(1, -(-len(event_ids) // ID_BUCKET))
     pieces: list[list[pa.Array]] = [[] for _ in range(bucket_count)]
     for start in range(0, len(event_ids), CHUNK):
-        chunk = event_ids.slice(start, CHUNK)
-        if isinstance(chunk, pa.ChunkedArray):
-            chunk = chunk.combine_chunks()
+        chunk = _one_array(event_ids.slice(start, CHUNK))
         order, sizes = groupsort_indexer(_buckets(chunk, bucket_count), bucket_count)
         grouped = chunk.take(pa.array(order))
         offset = 0

@@ -120,3 +120,15 @@ def test_ids_across_arrow_chunks(small_chunks):
 
     with pytest.raises(ValueError, match="'e7' appears twice"):
         event_layout.check_event_ids(ids)
+
+
+def test_bad_value_in_a_later_chunk_names_its_column(small_chunks, tmp_path):
+    files = EventFiles(tmp_path)
+    files.replace("b1", _events(5))
+    events = _events(6).astype({"device_id": object})
+    events.loc[2_000, "device_id"] = 7
+
+    with pytest.raises(ValueError, match="column 'device_id' cannot be stored as string"):
+        files.replace("b1", events)
+
+    assert files.read("b1", columns=["event_id"])["event_id"].str.startswith("5-").all()

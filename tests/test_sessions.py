@@ -396,3 +396,23 @@ def test_blocks_out_of_member_order_are_put_in_order():
 
     assert sessions["member_id"].tolist() == ["m1", "m2"]
     assert sessions.index.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("seed", [10, 11])
+def test_watched_by_member_matches_a_grouped_sum_in_any_order(seed):
+    sessions = viewing_sessions(_random_partition(seed), STARTS_AT, ENDS_AT, TIMEOUT)
+    touching = (sessions["events_inside"] > 0) | (sessions["watched_seconds"] > 0)
+    grouped = sessions.assign(touching=touching).groupby("member_id")
+    expected = pd.DataFrame(
+        {
+            "watched_seconds": grouped["watched_seconds"].sum(),
+            "sessions": grouped["touching"].sum().astype("int64"),
+        }
+    ).loc[grouped["events_inside"].sum() > 0]
+    expected["viewing_rate"] = (expected["watched_seconds"] / 3_600).clip(0.0, 1.0)
+
+    in_order = watched_by_member(sessions, STARTS_AT, ENDS_AT)
+    shuffled = watched_by_member(sessions.sample(frac=1.0, random_state=seed), STARTS_AT, ENDS_AT)
+
+    pd.testing.assert_frame_equal(in_order, expected, check_index_type=False)
+    pd.testing.assert_frame_equal(shuffled, in_order)

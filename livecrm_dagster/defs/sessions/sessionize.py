@@ -21,6 +21,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+
+# pandas' own counting sort, which its groupby uses: a stable order of dense integer
+# codes in linear time. It is not public API; pandas is pinned and the tests run it.
 from pandas._libs.algos import groupsort_indexer
 
 VIEWING_TYPES = ("view_start", "heartbeat", "view_end")
@@ -186,11 +189,10 @@ def _stable_group_order(
     """Group rows by (member, device), keeping row order inside each group.
 
     Return the permutation and, between each row and the next in that order, whether a
-    new group starts. Member and device codes are dense, so a counting sort
-    does it in linear time. A device normally belongs to one member, and one pass by
-    device suffices; an unknown device (-1) counts as a device of its own per member.
-    Only when one device carries several members does a second, stable pass sort by
-    member.
+    new group starts. Member and device codes are dense, so a counting sort orders them
+    in linear time. A device normally belongs to one member, and one pass by device
+    suffices; an unknown device (-1) counts as a device of its own per member. Only when
+    one device carries several members does a second, stable pass sort by member.
     """
     buckets = np.where(devices >= 0, devices, device_count + members.astype(np.int64))
     order = groupsort_indexer(buckets.astype(np.intp), device_count + member_count)[0]
@@ -281,20 +283,33 @@ def watched_by_member(
     Only sessions that touch the broadcast count: a stray heartbeat hours later forms a
     session row of its own but is no session of this broadcast.
     """
-    touching = (sessions["events_inside"] > 0) | (sessions["watched_seconds"] > 0)
-    per_member = (
-        sessions.assign(touching=touching)
-        .groupby("member_id")
-        .agg(
-            watched_seconds=("watched_seconds", "sum"),
-            sessions=("touching", "sum"),
-            events_inside=("events_inside", "sum"),
-        )
-    )
-    per_member["sessions"] = per_member["sessions"].astype("int64")
-    per_member = per_member.loc[per_member["events_inside"] > 0].drop(columns="events_inside")
     length = broadcast_seconds(starts_at, ends_at)
     if length <= 0:
         raise ValueError(f"broadcast length must be positive, got {length} s")
+    # Sessions come in member order, so each member's rows are one run: summing runs
+    # instead of hashing member IDs keeps the time in step with the sessions.
+    members = sessions["member_id"].to_numpy(dtype=object)
+    order = np.arange(len(members))
+    if not sessions["member_id"].is_monotonic_increasing:
+        order = np.argsort(members, kind="stable")
+        members = members[order]
+    watched = sessions["watched_seconds"].to_numpy(dtype=np.float64)[order]
+    inside = sessions["events_inside"].to_numpy(dtype=np.int64)[order]
+    heads = np.flatnonzero(np.append(True, members[1:] != members[:-1]))[: len(members)]
+    touching = ((inside > 0) | (watched > 0)).astype(np.int64)
+    per_member = pd.DataFrame(
+        {
+            "watched_seconds": _run_sums(watched, heads),
+            "sessions": _run_sums(touching, heads),
+            "events_inside": _run_sums(inside, heads),
+        },
+        index=pd.Index(members[heads], dtype=object, name="member_id"),
+    )
+    per_member = per_member.loc[per_member["events_inside"] > 0].drop(columns="events_inside")
     per_member["viewing_rate"] = (per_member["watched_seconds"] / length).clip(0.0, 1.0)
     return per_member
+
+
+def _run_sums(values: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """Sum each run of `values` that starts at one of `heads`."""
+    return np.add.reduceat(values, heads) if len(heads) else values[:0]
