@@ -11,7 +11,7 @@ same folder, which is then renamed over the old one. A reader therefore sees eit
 old rows or the new ones, and a failed write leaves the old file in place.
 
 The file is laid out in member blocks. Each block is one row group and holds every event
-of a range of members, in member ID order from block to block; events without a member
+of a range of members, and the blocks follow member ID order. Events without a member
 come last, in blocks of their own. Inside a block the events are in time order (ties in
 the order written). The sessions and the viewer summary read one block at a time, so
 their work on ten million events is many small pieces that each fit the CPU's caches,
@@ -69,9 +69,9 @@ _DICTIONARY_PAGE_LIMIT = 256 * 1024 * 1024
 # Events per member block (one row group), close to pyarrow's default of 1,048,576 rows.
 # A block is larger only when one member alone has more events.
 _ROW_GROUP = 1_000_000
-# The row's place in time order, stored beside the events; a whole read sorts by it.
+# The row's place in time order, stored beside the events. A whole read orders by it.
 _POSITION = "time_position"
-# Files written before the member blocks lack this key; they are one time-ordered block.
+# Files written before the member blocks lack this key, and they are one time-ordered block.
 _LAYOUT_KEY = b"livecrm.layout"
 _MEMBER_BLOCKS = b"member-blocks"
 
@@ -181,7 +181,9 @@ class EventFiles:
         """
         requested = _requested(columns)
         if "broadcast_id" in requested:
-            raise ValueError("raw_viewer_events: blocks are read without broadcast_id")
+            raise ValueError(
+                "raw_viewer_events: broadcast_id is not stored in the file, so blocks omit it"
+            )
         path = self._existing(broadcast_id)
         parquet = pq.ParquetFile(
             path, read_dictionary=[name for name in requested if name in _DICTIONARY]

@@ -1,4 +1,4 @@
-"""How an event file is arranged on a write, worked out one chunk of rows at a time.
+"""The layout of an event file on a write, worked out one chunk of rows at a time.
 
 A write sends every event to its member block (see `event_files`) and checks that no
 event ID occurs twice. Done on whole columns, both would move ten million rows at random
@@ -73,7 +73,7 @@ def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _events_per_member(encoded: list[pa.DictionaryArray]) -> tuple[pa.Array, np.ndarray]:
-    """Return the member IDs in ID order and each one's event count; no empty ID."""
+    """Return the member IDs but the empty one, in ID order, and each one's event count."""
     values, counts = [], []
     for codes in encoded:
         present = codes.indices.drop_null().to_numpy()
@@ -93,7 +93,7 @@ def _events_per_member(encoded: list[pa.DictionaryArray]) -> tuple[pa.Array, np.
 
 
 def _cut(events: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
-    """Give each member (in ID order) a block; return the blocks and their count."""
+    """Return each member's block (members in ID order) and the number of blocks."""
     events_before = np.cumsum(events) - events
     # Renumber so the blocks are 0, 1, 2, ...: a member with many events skips numbers.
     used, blocks = np.unique(events_before // block_size, return_inverse=True)
@@ -132,8 +132,8 @@ def _buckets(event_ids: pa.StringArray, count: int) -> np.ndarray:
     offsets = offsets[event_ids.offset : event_ids.offset + len(event_ids) + 1].astype(np.int64)
     data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer else np.zeros(0, np.uint8)
     first = offsets[0]
-    # Eight zero bytes in front, so that every ID's last eight bytes can be read as one
-    # little-endian word; the bytes of a shorter ID are the word's highest ones.
+    # Eight zero bytes go in front, so that every ID's last eight bytes can be read as
+    # one little-endian word. The bytes of a shorter ID are the word's highest ones.
     padded = np.concatenate([np.zeros(8, np.uint8), data[first : offsets[-1]]])
     words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     lengths = np.diff(offsets)

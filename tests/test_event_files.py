@@ -165,7 +165,7 @@ def test_blocks_of_an_empty_partition(files):
 def test_blocks_refuse_broadcast_id_and_unknown_columns(files):
     files.replace("b1", _interleaved())
 
-    with pytest.raises(ValueError, match="without broadcast_id"):
+    with pytest.raises(ValueError, match="broadcast_id is not stored"):
         next(files.blocks("b1", columns=["broadcast_id", "member_id"]))
     with pytest.raises(ValueError, match="not in the table schema"):
         next(files.blocks("b1", columns=["member"]))
