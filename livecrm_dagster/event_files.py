@@ -145,23 +145,10 @@ class EventFiles:
             types = list(types)
         if types is not None and not all(isinstance(kind, str) for kind in types):
             raise ValueError(f"event types must be strings, got {types!r}")
-        path = self._existing(broadcast_id)
-        if types != []:
-            filters = [("type", "in", types)] if types is not None else None
-            blocked = _is_blocked(path)
-            table = pq.read_table(
-                path,
-                columns=read_columns + ([_POSITION] if blocked else []),
-                filters=filters,
-                read_dictionary=[name for name in read_columns if name in _DICTIONARY],
-            )
-            in_time = _time_order(table, pq.read_metadata(path).num_rows) if blocked else None
-        else:
-            table, in_time = SCHEMA.empty_table(), None
-        frame = _pandas(table.select(read_columns), categorical)
-        del table
-        if in_time is not None:
-            frame = frame.take(in_time).reset_index(drop=True)
+        # One open file serves every step of the read, so a replace that renames a new
+        # file over this one during the read cannot mix the two.
+        with self._existing(broadcast_id).open("rb") as handle:
+            frame = _read_open(handle, read_columns, types, categorical)
         # Arrow keeps freed buffers for reuse; hand them back before the caller's work.
         pa.default_memory_pool().release_unused()
         if "broadcast_id" in requested:
@@ -184,16 +171,16 @@ class EventFiles:
             raise ValueError(
                 "raw_viewer_events: broadcast_id is not stored in the file, so blocks omit it"
             )
-        path = self._existing(broadcast_id)
-        parquet = pq.ParquetFile(
-            path, read_dictionary=[name for name in requested if name in _DICTIONARY]
-        )
-        if not _is_blocked(path) or parquet.num_row_groups == 0:
-            yield self.read(broadcast_id, columns=requested, categorical=categorical)
-            return
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=requested or ["type"])
-            yield _pandas(table, categorical)[requested]
+        with self._existing(broadcast_id).open("rb") as handle:
+            parquet = pq.ParquetFile(
+                handle, read_dictionary=[name for name in requested if name in _DICTIONARY]
+            )
+            if not _is_blocked(parquet) or parquet.num_row_groups == 0:
+                yield _read_open(handle, requested or ["type"], None, categorical)[requested]
+                return
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=requested or ["type"])
+                yield _pandas(table, categorical)[requested]
 
     def _existing(self, broadcast_id: str) -> Path:
         path = self.path(broadcast_id)
@@ -218,9 +205,31 @@ def _requested(columns: list[str] | None) -> list[str]:
     return requested
 
 
-def _is_blocked(path: Path) -> bool:
-    metadata = pq.read_schema(path).metadata or {}
+def _is_blocked(parquet: pq.ParquetFile) -> bool:
+    metadata = parquet.schema_arrow.metadata or {}
     return metadata.get(_LAYOUT_KEY) == _MEMBER_BLOCKS
+
+
+def _read_open(
+    handle, columns: list[str], types: list[str] | None, categorical: bool
+) -> pd.DataFrame:
+    """Read the columns of an open event file in time order, only `types` if given."""
+    if types == []:
+        return _pandas(SCHEMA.empty_table().select(columns), categorical)
+    parquet = pq.ParquetFile(handle)
+    blocked = _is_blocked(parquet)
+    table = pq.read_table(
+        handle,
+        columns=columns + ([_POSITION] if blocked else []),
+        filters=[("type", "in", types)] if types is not None else None,
+        read_dictionary=[name for name in columns if name in _DICTIONARY],
+    )
+    in_time = _time_order(table, parquet.metadata.num_rows) if blocked else None
+    frame = _pandas(table.select(columns), categorical)
+    del table
+    if in_time is not None:
+        frame = frame.take(in_time).reset_index(drop=True)
+    return frame
 
 
 def _time_order(table: pa.Table, rows_in_file: int) -> np.ndarray:

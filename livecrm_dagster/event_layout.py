@@ -48,7 +48,8 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
     start = anonymous_seen = 0
     for chunk, codes in zip(chunks, encoded, strict=True):
         found = member_index.get_indexer(pd.arrays.ArrowStringArray(codes.dictionary))
-        per_code = np.append(np.where(found >= 0, block_of_member[found], -1), -1)
+        # -1 (not a member, or the empty ID) stays -1, also when there are no members.
+        per_code = np.append(np.append(block_of_member, -1)[found], -1)
         blocks = per_code[codes.indices.fill_null(len(found)).to_numpy()]
         anonymous = blocks < 0
         ordinal = anonymous_seen + np.cumsum(anonymous) - 1
@@ -151,4 +152,5 @@ def _check_unique(event_ids: pa.Array) -> None:
     codes = pd.Series(encoded.indices.to_numpy())
     repeated = codes.loc[codes.duplicated()].iloc[0]
     value = encoded.dictionary[int(repeated)].as_py()
-    raise ValueError(f"raw_viewer_events: event_id {value!r} appears twice in one write")
+    shown = value if len(value) <= 80 else value[:80] + "…"
+    raise ValueError(f"raw_viewer_events: event_id {shown!r} appears twice in one write")

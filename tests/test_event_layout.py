@@ -132,3 +132,35 @@ def test_bad_value_in_a_later_chunk_names_its_column(small_chunks, tmp_path):
         files.replace("b1", events)
 
     assert files.read("b1", columns=["event_id"])["event_id"].str.startswith("5-").all()
+
+
+@pytest.mark.parametrize("member", ["", None])
+def test_partition_without_members_is_stored(tmp_path, member):
+    # A broadcast watched only by anonymous viewers has no member blocks at all.
+    events = _events(7, size=50).assign(member_id=member)
+    files = EventFiles(tmp_path)
+
+    files.replace("b1", events)
+
+    blocks = list(files.blocks("b1", columns=["event_id"]))
+    assert [len(block) for block in blocks] == [50]
+    assert (
+        files.read("b1", columns=["event_id"])["event_id"].tolist() == events["event_id"].tolist()
+    )
+
+
+def test_blocks_keep_reading_the_file_they_opened(small_chunks, tmp_path):
+    # A rebuild renames a new file over the old one; a reader in the middle of the old
+    # file must go on reading the old rows, not a mix of both.
+    files = EventFiles(tmp_path)
+    old = _events(8)
+    files.replace("b1", old)
+    reading = files.blocks("b1", columns=["event_id"])
+    first = next(reading)
+
+    files.replace("b1", _events(9))
+    rest = list(reading)
+
+    stored = pd.concat([first, *rest])["event_id"]
+    assert sorted(stored) == sorted(old["event_id"])
+    assert files.read("b1", columns=["event_id"])["event_id"].str.startswith("9-").all()
