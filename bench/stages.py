@@ -289,8 +289,8 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
     per_event = np.arange(event_count, dtype=np.int64)
     recorder.measure(MACHINE_COPY, per_event.copy, len, repeat=MACHINE_COPY_REPEATS)
     del per_event
-    # Sessions and the viewer summary read the file in member blocks, as their assets do;
-    # their times include the reads.
+    # Sessions and the viewer summary read the file in member blocks, as their assets do,
+    # so their times include the reads.
     sessions = recorder.measure(
         "sessions",
         lambda: sessions_of_blocks(

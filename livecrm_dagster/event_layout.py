@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 # pandas' own counting sort, which its groupby uses: a stable order of dense integer
-# codes in linear time. It is not public API; pandas is pinned and the tests run it.
+# codes in linear time. It is not public API, so pandas is pinned and the tests run it.
 from pandas._libs.algos import groupsort_indexer
 
 # Rows handled at once.
@@ -56,11 +56,11 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
         blocks[anonymous] = member_block_count + ordinal[anonymous] // block_size
         anonymous_seen += int(anonymous.sum())
         order, sizes = groupsort_indexer(blocks.astype(np.intp), block_count)
-        taken = chunk.take(pa.array(order)).append_column(position, pa.array(start + order))
+        arranged = chunk.take(pa.array(order)).append_column(position, pa.array(start + order))
         offset = 0
         for block, size in enumerate(sizes[1:]):
             if size:
-                pieces[block].append(taken.slice(offset, size))
+                pieces[block].append(arranged.slice(offset, size))
                 offset += size
         start += chunk.num_rows
     return [pa.concat_tables(parts) for parts in pieces if parts]
@@ -127,7 +127,7 @@ def check_event_ids(event_ids: pa.Array | pa.ChunkedArray) -> None:
 
 
 def _buckets(event_ids: pa.StringArray, count: int) -> np.ndarray:
-    """Return a bucket per ID from its length and last eight bytes; equal IDs share one."""
+    """Return a bucket per ID from its length and last eight bytes, so equal IDs share one."""
     _, offsets_buffer, data_buffer = event_ids.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)
     offsets = offsets[event_ids.offset : event_ids.offset + len(event_ids) + 1].astype(np.int64)
@@ -138,9 +138,10 @@ def _buckets(event_ids: pa.StringArray, count: int) -> np.ndarray:
     padded = np.concatenate([np.zeros(8, np.uint8), data[first : offsets[-1]]])
     words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     lengths = np.diff(offsets)
-    kept = np.minimum(lengths, 8).astype(np.uint64)
-    tails = words[offsets[1:] - first] >> (np.uint64(8) - kept) * np.uint64(8) % np.uint64(64)
-    tails[kept == 0] = 0
+    tail_lengths = np.minimum(lengths, 8).astype(np.uint64)
+    shifts = (np.uint64(8) - tail_lengths) * np.uint64(8) % np.uint64(64)
+    tails = words[offsets[1:] - first] >> shifts
+    tails[tail_lengths == 0] = 0
     mixed = (tails ^ lengths.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
     return ((mixed >> np.uint64(32)) % np.uint64(count)).astype(np.intp)
 
@@ -152,5 +153,5 @@ def _check_unique(event_ids: pa.Array) -> None:
     codes = pd.Series(encoded.indices.to_numpy())
     repeated = codes.loc[codes.duplicated()].iloc[0]
     value = encoded.dictionary[int(repeated)].as_py()
-    shown = value if len(value) <= 80 else value[:80] + "…"
-    raise ValueError(f"raw_viewer_events: event_id {shown!r} appears twice in one write")
+    excerpt = value if len(value) <= 80 else value[:80] + "…"
+    raise ValueError(f"raw_viewer_events: event_id {excerpt!r} appears twice in one write")

@@ -129,7 +129,7 @@ def test_blocks_hold_whole_members_in_id_order(files, monkeypatch):
     ]  # fmt: skip
 
 
-def test_member_with_more_events_than_a_block_stays_whole(files, monkeypatch):
+def test_large_member_stays_in_one_block(files, monkeypatch):
     monkeypatch.setattr(event_files, "_ROW_GROUP", 2)
     members = ["m1", "m2", "m2", "m2", "m2", "m3", "m1", "m3"]
     files.replace("b1", _interleaved().assign(member_id=members))
@@ -162,7 +162,7 @@ def test_blocks_of_an_empty_partition(files):
     assert files.read("b1", columns=["member_id"]).empty
 
 
-def test_blocks_refuse_broadcast_id_and_unknown_columns(files):
+def test_blocks_reject_broadcast_id_and_unknown_columns(files):
     files.replace("b1", _interleaved())
 
     with pytest.raises(ValueError, match="broadcast_id is not stored"):

@@ -1,7 +1,7 @@
 """The event file's layout worked out in chunks: member blocks and the event ID check.
 
-The chunk and bucket sizes are made small here so that a few thousand events cross many
-chunks, blocks and buckets; the result must not depend on where the chunks fall.
+The chunk and bucket sizes are made small here, so that a few thousand events cross many
+chunks, blocks and buckets. The result must not depend on where the chunks fall.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_repeated_id_found_in_any_chunk_and_bucket(small_chunks, where):
 
 def test_ids_that_differ_only_early_are_told_apart(small_chunks):
     # Bucketing looks at each ID's length and last eight bytes, so these all share a
-    # bucket; the check inside the bucket must still compare whole IDs.
+    # bucket. The check inside the bucket must still compare whole IDs.
     ids = [f"{number:05d}-same-tail" for number in range(500)]
     event_layout.check_event_ids(pa.array(ids))
 
@@ -106,7 +106,7 @@ def test_ids_that_differ_only_early_are_told_apart(small_chunks):
         event_layout.check_event_ids(pa.array([*ids, "00007-same-tail"]))
 
 
-def test_short_and_multibyte_ids_share_buckets_only_when_equal(small_chunks):
+def test_short_and_multibyte_ids_checked(small_chunks):
     ids = ["a", "b", "ab", "é", "e", "全", "全角", "x" * 9, "x" * 10]
     event_layout.check_event_ids(pa.array(ids))
 
@@ -122,7 +122,7 @@ def test_ids_across_arrow_chunks(small_chunks):
         event_layout.check_event_ids(ids)
 
 
-def test_bad_value_in_a_later_chunk_names_its_column(small_chunks, tmp_path):
+def test_bad_value_in_later_chunk_named(small_chunks, tmp_path):
     files = EventFiles(tmp_path)
     files.replace("b1", _events(5))
     events = _events(6).astype({"device_id": object})
@@ -150,7 +150,7 @@ def test_partition_without_members_is_stored(tmp_path, member):
 
 
 def test_blocks_keep_reading_the_file_they_opened(small_chunks, tmp_path):
-    # A rebuild renames a new file over the old one; a reader in the middle of the old
+    # A rebuild renames a new file over the old one. A reader in the middle of the old
     # file must go on reading the old rows, not a mix of both.
     files = EventFiles(tmp_path)
     old = _events(8)

@@ -382,14 +382,14 @@ def test_member_blocks_give_the_same_sessions(seed, tmp_path, monkeypatch):
     )
 
 
-def test_member_split_over_blocks_is_refused():
+def test_member_split_over_blocks_rejected():
     events = _frame([_event("m1", "20:00:00"), _event("m1", "20:00:10"), _event("m2", "20:00:20")])
 
     with pytest.raises(ValueError, match="1 members are split over several blocks"):
         sessions_of_blocks([events.iloc[:1], events.iloc[1:]], STARTS_AT, ENDS_AT, TIMEOUT)
 
 
-def test_blocks_out_of_member_order_are_put_in_order():
+def test_blocks_out_of_order_sorted():
     events = _frame([_event("m1", "20:00:00"), _event("m2", "20:00:10")])
 
     sessions = sessions_of_blocks([events.iloc[1:], events.iloc[:1]], STARTS_AT, ENDS_AT, TIMEOUT)
@@ -399,7 +399,7 @@ def test_blocks_out_of_member_order_are_put_in_order():
 
 
 @pytest.mark.parametrize("seed", [10, 11])
-def test_watched_by_member_matches_a_grouped_sum_in_any_order(seed):
+def test_watched_by_member_matches_groupby(seed):
     sessions = viewing_sessions(_random_partition(seed), STARTS_AT, ENDS_AT, TIMEOUT)
     touching = (sessions["events_inside"] > 0) | (sessions["watched_seconds"] > 0)
     grouped = sessions.assign(touching=touching).groupby("member_id")

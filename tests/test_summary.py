@@ -49,7 +49,7 @@ def _events() -> pd.DataFrame:
 def _summary(
     events: pd.DataFrame | list[pd.DataFrame], watched_from: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Summarize `events`, whole or in blocks; sessions come from `watched_from` if given."""
+    """Summarize `events`, whole or in blocks, with sessions from `watched_from` if given."""
     sessions = viewing_sessions(
         events if watched_from is None else watched_from, STARTS_AT, ENDS_AT, 60.0
     )
@@ -101,7 +101,7 @@ def test_member_blocks_give_the_same_summary():
     pd.testing.assert_frame_equal(_summary(blocks, watched_from=events), _summary(events))
 
 
-def test_member_split_over_blocks_is_refused():
+def test_member_split_over_blocks_rejected():
     events = _events()
 
     # In time order, the first three events are m2's like and two of m1's.

@@ -86,7 +86,8 @@ def viewer_summary(
     repeated = figures.index[figures.index.duplicated()]
     if len(repeated):
         raise ValueError(
-            f"the events of {len(repeated.unique())} members are split over several blocks"
+            f"the events of {len(repeated.unique())} members are split over several blocks; "
+            "each block must hold every event of its members"
         )
     figures = figures.reindex(summary.index)
     for column in ("chats", "likes", "clicks", "correct_answers"):

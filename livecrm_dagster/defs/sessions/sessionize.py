@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 # pandas' own counting sort, which its groupby uses: a stable order of dense integer
-# codes in linear time. It is not public API; pandas is pinned and the tests run it.
+# codes in linear time. It is not public API, so pandas is pinned and the tests run it.
 from pandas._libs.algos import groupsort_indexer
 
 VIEWING_TYPES = ("view_start", "heartbeat", "view_end")
@@ -91,7 +91,7 @@ def sessions_of_blocks(
 ) -> pd.DataFrame:
     """Return `viewing_sessions` of events given in member blocks, in member and time order.
 
-    Each block must hold every event of its members (see `EventFiles.blocks`); a member
+    Each block must hold every event of its members (see `EventFiles.blocks`). A member
     found in two blocks raises ValueError. Blocks keep each piece of work small enough
     for the CPU's caches, so a partition's time grows in step with its events.
     """
@@ -103,7 +103,8 @@ def sessions_of_blocks(
     repeated = members.loc[members.duplicated()]
     if len(repeated):
         raise ValueError(
-            f"the events of {repeated.nunique()} members are split over several blocks"
+            f"the events of {repeated.nunique()} members are split over several blocks; "
+            "each block must hold every event of its members"
         )
     sessions = pd.concat(parts, ignore_index=True)
     if not sessions["member_id"].is_monotonic_increasing:
@@ -286,7 +287,7 @@ def watched_by_member(
     length = broadcast_seconds(starts_at, ends_at)
     if length <= 0:
         raise ValueError(f"broadcast length must be positive, got {length} s")
-    # Sessions come in member order, so each member's rows are one run: summing runs
+    # Sessions come in member order, so each member's rows are one run. Summing runs
     # instead of hashing member IDs keeps the time in step with the sessions.
     members = sessions["member_id"].to_numpy(dtype=object)
     order = np.arange(len(members))
