@@ -89,9 +89,7 @@ class EventFiles:
 
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
         """Replace the broadcast's events with `events`, atomically; return the row count."""
-        blocks = event_layout.member_blocks(
-            _arrow_table(broadcast_id, events), _ROW_GROUP, _POSITION
-        )
+        table = _arrow_table(broadcast_id, events)
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(broadcast_id)
         handle, temporary = tempfile.mkstemp(prefix=".writing-", suffix=".parquet", dir=self.folder)
@@ -110,7 +108,7 @@ class EventFiles:
                     # Positions rise inside a block, so their differences pack small.
                     column_encoding={_POSITION: "DELTA_BINARY_PACKED"},
                 ) as writer:
-                    for block in blocks:
+                    for block in event_layout.member_blocks(table, _ROW_GROUP, _POSITION):
                         writer.write_table(block, row_group_size=block.num_rows)
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -119,7 +117,7 @@ class EventFiles:
             Path(temporary).unlink(missing_ok=True)
             raise
         _sync_folder(self.folder)
-        return sum(block.num_rows for block in blocks)
+        return table.num_rows
 
     def read(
         self,

@@ -11,6 +11,8 @@ worth of memory, and the time grows in step with the events.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -27,14 +29,17 @@ CHUNK = 1_000_000
 ID_BUCKET = 65_536
 
 
-def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Table]:
-    """Split a time-ordered table into member blocks, each in time order.
+def member_blocks(table: pa.Table, block_size: int, position: str) -> Iterator[pa.Table]:
+    """Split a time-ordered table into member blocks, each in time order; yield them in turn.
 
     Members are taken in ID order, and a member goes to block n when the events of the
     members before it number from n × `block_size` to (n + 1) × `block_size` - 1. A
     member is never split, so a block passes `block_size` by less than its last member's
     events. Events without a member (empty or missing ID) follow in blocks of
     `block_size`. Each block gains the column `position`: every row's place in `table`.
+
+    Only the row numbers of every block are worked out up front. Each block's rows are
+    then gathered from the chunks when it is due, so a writer holds one block at a time.
     """
     chunks = [table.slice(start, CHUNK) for start in range(0, table.num_rows, CHUNK)]
     encoded = [pc.dictionary_encode(_one_array(chunk.column("member_id"))) for chunk in chunks]
@@ -44,9 +49,11 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
     member_index = pd.Index(pd.arrays.ArrowStringArray(members))
     block_count = member_block_count + -(-anonymous_events // block_size)
 
-    pieces: list[list[pa.Table]] = [[] for _ in range(block_count)]
-    start = anonymous_seen = 0
-    for chunk, codes in zip(chunks, encoded, strict=True):
+    # Per chunk: its rows grouped by block, in time order inside each block, and where
+    # each block's rows start in that grouping.
+    routes: list[tuple[np.ndarray, np.ndarray]] = []
+    anonymous_seen = 0
+    for codes in encoded:
         found = member_index.get_indexer(pd.arrays.ArrowStringArray(codes.dictionary))
         # -1 (not a member, or the empty ID) stays -1, also when there are no members.
         per_code = np.append(np.append(block_of_member, -1)[found], -1)
@@ -56,14 +63,21 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> list[pa.Ta
         blocks[anonymous] = member_block_count + ordinal[anonymous] // block_size
         anonymous_seen += int(anonymous.sum())
         order, sizes = groupsort_indexer(blocks.astype(np.intp), block_count)
-        arranged = chunk.take(pa.array(order)).append_column(position, pa.array(start + order))
-        offset = 0
-        for block, size in enumerate(sizes[1:]):
-            if size:
-                pieces[block].append(arranged.slice(offset, size))
-                offset += size
-        start += chunk.num_rows
-    return [pa.concat_tables(parts) for parts in pieces if parts]
+        routes.append((order, np.cumsum(sizes)))
+    del encoded
+
+    for block in range(block_count):
+        parts = []
+        for start, chunk, (order, ends) in zip(
+            range(0, table.num_rows, CHUNK), chunks, routes, strict=True
+        ):
+            rows = order[ends[block] : ends[block + 1]]
+            if len(rows):
+                parts.append(
+                    chunk.take(pa.array(rows)).append_column(position, pa.array(start + rows))
+                )
+        if parts:
+            yield pa.concat_tables(parts)
 
 
 def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
