@@ -8,6 +8,7 @@ import pytest
 
 from livecrm_dagster import event_files
 from livecrm_dagster.defs.sessions.sessionize import (
+    member_runs,
     sessions_of_blocks,
     viewing_sessions,
     watched_by_member,
@@ -399,8 +400,11 @@ def test_blocks_out_of_order_sorted():
 
 
 @pytest.mark.parametrize("seed", [10, 11])
-def test_watched_by_member_matches_groupby(seed):
+# "str" is what the sessions code builds; object is what a warehouse read returns.
+@pytest.mark.parametrize("member_dtype", ["str", object])
+def test_watched_by_member_matches_groupby(seed, member_dtype):
     sessions = viewing_sessions(_random_partition(seed), STARTS_AT, ENDS_AT, TIMEOUT)
+    sessions["member_id"] = sessions["member_id"].astype(member_dtype)
     touching = (sessions["events_inside"] > 0) | (sessions["watched_seconds"] > 0)
     grouped = sessions.assign(touching=touching).groupby("member_id")
     expected = pd.DataFrame(
@@ -416,3 +420,20 @@ def test_watched_by_member_matches_groupby(seed):
 
     pd.testing.assert_frame_equal(in_order, expected, check_index_type=False)
     pd.testing.assert_frame_equal(shuffled, in_order)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("member_dtype", ["str", object])
+def test_member_runs_match_a_plain_loop(seed, member_dtype):
+    rng = np.random.default_rng(seed)
+    ids = ["a", "a\x00", "b", "m10", "m2", "ｍ1", "é", "e\u0301"]
+    values = [ids[i] for i in np.sort(rng.integers(0, len(ids), rng.integers(0, 30)))]
+    if seed % 2:
+        rng.shuffle(values)
+
+    heads, in_order = member_runs(pd.Series(values, dtype=member_dtype))
+
+    assert heads.tolist() == [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    assert in_order == all(
+        values[i - 1].encode() <= values[i].encode() for i in range(1, len(values))
+    )

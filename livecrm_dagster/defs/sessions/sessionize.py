@@ -21,6 +21,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # pandas' own counting sort, which its groupby uses: a stable order of dense integer
 # codes in linear time. It is not public API, so pandas is pinned and the tests run it.
@@ -107,7 +109,7 @@ def sessions_of_blocks(
             "each block must hold every event of its members"
         )
     sessions = pd.concat(parts, ignore_index=True)
-    if not sessions["member_id"].is_monotonic_increasing:
+    if not member_runs(sessions["member_id"])[1]:
         in_order = np.argsort(sessions["member_id"].to_numpy(dtype=str), kind="stable")
         sessions = sessions.take(in_order).reset_index(drop=True)
     return sessions
@@ -251,7 +253,7 @@ def _merge_devices(
     return pd.DataFrame(
         {
             "member_id": pd.Series(
-                member_ids[device_sessions["member"][order][heads]], dtype=object
+                member_ids[device_sessions["member"][order][heads]], dtype="str"
             ),
             "session_no": session_no + 1,
             "started_at": instants_from_ticks(merged_start, times_dtype),
@@ -289,26 +291,48 @@ def watched_by_member(
         raise ValueError(f"broadcast length must be positive, got {length} s")
     # Sessions come in member order, so each member's rows are one run. Summing runs
     # instead of hashing member IDs keeps the time in step with the sessions.
-    members = sessions["member_id"].to_numpy(dtype=object)
-    order = np.arange(len(members))
-    if not sessions["member_id"].is_monotonic_increasing:
-        order = np.argsort(members, kind="stable")
-        members = members[order]
-    watched = sessions["watched_seconds"].to_numpy(dtype=np.float64)[order]
-    inside = sessions["events_inside"].to_numpy(dtype=np.int64)[order]
-    heads = np.flatnonzero(np.append(True, members[1:] != members[:-1]))[: len(members)]
-    touching = ((inside > 0) | (watched > 0)).astype(np.int64)
-    per_member = pd.DataFrame(
+    heads, in_order = member_runs(sessions["member_id"])
+    if not in_order:
+        order = np.argsort(sessions["member_id"].to_numpy(dtype=object), kind="stable")
+        sessions = sessions.take(order)
+        heads, _ = member_runs(sessions["member_id"])
+    watched = _run_sums(sessions["watched_seconds"].to_numpy(dtype=np.float64), heads)
+    inside = sessions["events_inside"].to_numpy(dtype=np.int64)
+    touching = (inside > 0) | (sessions["watched_seconds"].to_numpy(dtype=np.float64) > 0)
+    viewing = _run_sums(inside, heads) > 0
+    # Built from plain arrays and filtered before the frame exists: a lookup in an index
+    # of a hundred thousand member IDs would hash them all.
+    members = sessions["member_id"].iloc[heads[viewing]]
+    return pd.DataFrame(
         {
-            "watched_seconds": _run_sums(watched, heads),
-            "sessions": _run_sums(touching, heads),
-            "events_inside": _run_sums(inside, heads),
+            "watched_seconds": watched[viewing],
+            "sessions": _run_sums(touching.astype(np.int64), heads)[viewing],
+            "viewing_rate": (watched[viewing] / length).clip(0.0, 1.0),
         },
-        index=pd.Index(members[heads], dtype=object, name="member_id"),
+        index=pd.Index(members.array, name="member_id"),
     )
-    per_member = per_member.loc[per_member["events_inside"] > 0].drop(columns="events_inside")
-    per_member["viewing_rate"] = (per_member["watched_seconds"] / length).clip(0.0, 1.0)
-    return per_member
+
+
+def member_runs(members: pd.Series) -> tuple[np.ndarray, bool]:
+    """Return where each run of equal member IDs starts, and whether the IDs never fall.
+
+    Sessions built here carry their member IDs as Arrow strings (pandas' `str`), which
+    Arrow compares in place. Python strings, as a warehouse read returns them, are
+    compared one object at a time, and a partition's hundred thousand members spill out
+    of the CPU's caches.
+    """
+    if len(members) == 0:
+        return np.zeros(0, dtype=np.int64), True
+    if isinstance(members.dtype, pd.StringDtype) and members.dtype.storage == "pyarrow":
+        values = pa.array(members.array)
+        later, earlier = values.slice(1), values.slice(0, len(values) - 1)
+        changes = pc.not_equal(later, earlier).fill_null(True).to_numpy(zero_copy_only=False)
+        falls = pc.any(pc.less(later, earlier)).as_py() or False
+    else:
+        values = members.to_numpy(dtype=object)
+        changes = values[1:] != values[:-1]
+        falls = bool((values[1:][changes] < values[:-1][changes]).any())
+    return np.flatnonzero(np.append(True, changes)), not falls
 
 
 def _run_sums(values: np.ndarray, heads: np.ndarray) -> np.ndarray:
