@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -75,6 +77,8 @@ _POSITION = "time_position"
 _LAYOUT_KEY = b"livecrm.layout"
 _MEMBER_BLOCKS = b"member-blocks"
 
+T = TypeVar("T")
+
 
 class EventFiles:
     """Reads and replaces the raw viewer events of each broadcast in a folder of files."""
@@ -88,7 +92,12 @@ class EventFiles:
         return self.folder / f"{quote(broadcast_id, safe='')}.parquet"
 
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
-        """Replace the broadcast's events with `events`, atomically; return the row count."""
+        """Replace the broadcast's events with `events`, atomically; return the row count.
+
+        The work runs on two threads. While this one encodes a block into the file, a
+        second gathers the next block, and a third checks that no event ID repeats. The
+        check must pass before the new file is renamed over the old one.
+        """
         table = _arrow_table(broadcast_id, events)
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(broadcast_id)
@@ -96,22 +105,14 @@ class EventFiles:
         try:
             # Chat text may carry personal details, so the files are readable by the owner only.
             os.fchmod(handle, 0o600)
-            with os.fdopen(handle, "wb") as sink:
-                schema = _WRITTEN.append(pa.field(_POSITION, pa.int64()))
-                with pq.ParquetWriter(
-                    sink,
-                    schema.with_metadata({_LAYOUT_KEY: _MEMBER_BLOCKS}),
-                    compression="zstd",
-                    # Event IDs are unique, so a dictionary would only be built and dropped.
-                    use_dictionary=_DICTIONARY,
-                    dictionary_pagesize_limit=_DICTIONARY_PAGE_LIMIT,
-                    # Positions rise inside a block, so their differences pack small.
-                    column_encoding={_POSITION: "DELTA_BINARY_PACKED"},
-                ) as writer:
-                    for block in event_layout.member_blocks(table, _ROW_GROUP, _POSITION):
-                        writer.write_table(block, row_group_size=block.num_rows)
-                sink.flush()
-                os.fsync(sink.fileno())
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                checked = pool.submit(event_layout.check_event_ids, table.column("event_id"))
+                blocks = event_layout.member_blocks(table, _ROW_GROUP, _POSITION)
+                with os.fdopen(handle, "wb") as sink:
+                    _write_blocks(sink, _ahead(blocks, pool), checked)
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                checked.result()
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -192,6 +193,36 @@ class EventFiles:
         return path
 
 
+def _write_blocks(sink, blocks: Iterable[pa.Table], checked: Future) -> None:
+    """Write each block as one row group; stop at once if the ID check has failed."""
+    schema = _WRITTEN.append(pa.field(_POSITION, pa.int64()))
+    with pq.ParquetWriter(
+        sink,
+        schema.with_metadata({_LAYOUT_KEY: _MEMBER_BLOCKS}),
+        compression="zstd",
+        # Event IDs are unique, so a dictionary would only be built and dropped.
+        use_dictionary=_DICTIONARY,
+        dictionary_pagesize_limit=_DICTIONARY_PAGE_LIMIT,
+        # Positions rise inside a block, so their differences pack small.
+        column_encoding={_POSITION: "DELTA_BINARY_PACKED"},
+    ) as writer:
+        for block in blocks:
+            if checked.done():
+                checked.result()
+            writer.write_table(block, row_group_size=block.num_rows)
+
+
+def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
+    """Yield the items of `items`, each worked out on `pool` while the last is in use."""
+    pending = pool.submit(next, items, _DONE)
+    while (item := pending.result()) is not _DONE:
+        pending = pool.submit(next, items, _DONE)
+        yield item
+
+
+_DONE = object()
+
+
 def _requested(columns: list[str] | None) -> list[str]:
     requested = list(columns) if columns is not None else ["broadcast_id", *COLUMNS]
     repeated = sorted({name for name in requested if requested.count(name) > 1})
@@ -263,7 +294,6 @@ def _arrow_table(broadcast_id: str, events: pd.DataFrame) -> pa.Table:
         pa.Table.from_arrays([_arrow_column(piece, field) for field in _WRITTEN], schema=_WRITTEN)
         for piece in pieces or [events]
     )
-    event_layout.check_event_ids(table.column("event_id"))
     return table
 
 

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from livecrm_dagster import event_files
+from livecrm_dagster import event_files, event_layout
 from livecrm_dagster.event_files import EventFiles
 from livecrm_dagster.warehouse import Warehouse, default_events_folder
 
@@ -290,6 +290,25 @@ def test_bad_write_is_refused_and_keeps_previous_rows(files, frame, message):
         files.replace("b1", frame)
 
     assert files.read("b1")["event_id"].tolist() == ["e1"]
+    assert [path.name for path in files.folder.iterdir()] == ["b1.parquet"]
+
+
+def test_failed_block_keeps_previous_file(files, monkeypatch):
+    files.replace("b1", _events(("e1", "2024-06-10T11:00:00Z", "")))
+    written_blocks = event_layout.member_blocks
+
+    def failing_blocks(table, block_size, position):
+        # Blocks are gathered on another thread; its error must reach the caller.
+        yield next(written_blocks(table, block_size, position))
+        raise MemoryError("out of memory while gathering a block")
+
+    monkeypatch.setattr(event_layout, "member_blocks", failing_blocks)
+    with pytest.raises(MemoryError, match="gathering a block"):
+        files.replace("b1", _events(("e2", "2024-06-10T11:01:00Z", "")))
+    monkeypatch.undo()
+
+    assert files.read("b1")["event_id"].tolist() == ["e1"]
+    assert [path.name for path in files.folder.iterdir()] == ["b1.parquet"]
 
 
 def test_read_filters_types_and_columns(files):
