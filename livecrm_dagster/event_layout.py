@@ -42,11 +42,12 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> Iterator[p
     then gathered from the chunks when it is due, so a writer holds one block at a time.
     """
     chunks = [table.slice(start, CHUNK) for start in range(0, table.num_rows, CHUNK)]
-    encoded = [pc.dictionary_encode(_one_array(chunk.column("member_id"))) for chunk in chunks]
-    members, events = _events_per_member(encoded)
-    anonymous_events = table.num_rows - int(events.sum())
-    block_of_member, member_block_count = _cut(events, block_size)
-    member_index = pd.Index(pd.arrays.ArrowStringArray(members))
+    # One dictionary serves every chunk, so each row's code names its member directly.
+    encoded = pc.dictionary_encode(
+        pa.chunked_array([_one_array(chunk.column("member_id")) for chunk in chunks], pa.string())
+    ).chunks
+    block_of_code, member_block_count, member_events = _member_cut(encoded, block_size)
+    anonymous_events = table.num_rows - member_events
     block_count = member_block_count + -(-anonymous_events // block_size)
 
     # Per chunk: its rows grouped by block, in time order inside each block, and where
@@ -54,10 +55,7 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> Iterator[p
     routes: list[tuple[np.ndarray, np.ndarray]] = []
     anonymous_seen = 0
     for codes in encoded:
-        found = member_index.get_indexer(pd.arrays.ArrowStringArray(codes.dictionary))
-        # -1 (not a member, or the empty ID) stays -1, also when there are no members.
-        per_code = np.append(np.append(block_of_member, -1)[found], -1)
-        blocks = per_code[codes.indices.fill_null(len(found)).to_numpy()]
+        blocks = block_of_code[codes.indices.fill_null(len(block_of_code) - 1).to_numpy()]
         anonymous = blocks < 0
         ordinal = anonymous_seen + np.cumsum(anonymous) - 1
         blocks[anonymous] = member_block_count + ordinal[anonymous] // block_size
@@ -87,24 +85,27 @@ def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
 
 
-def _events_per_member(encoded: list[pa.DictionaryArray]) -> tuple[pa.Array, np.ndarray]:
-    """Return the member IDs but the empty one, in ID order, and each one's event count."""
-    values, counts = [], []
+def _member_cut(encoded: list[pa.DictionaryArray], block_size: int) -> tuple[np.ndarray, int, int]:
+    """Return each code's member block, the number of member blocks and their events.
+
+    `encoded` are chunks that share one dictionary. The returned array has one more entry
+    than the dictionary, for a missing ID. The empty ID and a missing one get -1.
+    """
+    if not encoded:
+        return np.full(1, -1, dtype=np.int64), 0, 0
+    dictionary = encoded[0].dictionary
+    events = np.zeros(len(dictionary), dtype=np.int64)
     for codes in encoded:
-        present = codes.indices.drop_null().to_numpy()
-        values.append(codes.dictionary)
-        counts.append(np.bincount(present, minlength=len(codes.dictionary)))
-    if not values:
-        return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
-    totals = (
-        pa.table({"member_id": pa.concat_arrays(values), "events": np.concatenate(counts)})
-        .group_by("member_id")
-        .aggregate([("events", "sum")])
-        .filter(pc.field("member_id") != "")
-    )
-    in_id_order = pc.sort_indices(totals.column("member_id"))
-    members = totals.column("member_id").take(in_id_order).combine_chunks()
-    return members, totals.column("events_sum").take(in_id_order).to_numpy()
+        events += np.bincount(codes.indices.drop_null().to_numpy(), minlength=len(dictionary))
+    in_id_order = pc.sort_indices(dictionary).to_numpy()
+    # The empty ID sorts first and belongs to no member.
+    if len(in_id_order) and dictionary[int(in_id_order[0])].as_py() == "":
+        in_id_order = in_id_order[1:]
+    member_events = events[in_id_order]
+    block_of_member, block_count = _cut(member_events, block_size)
+    block_of_code = np.full(len(dictionary) + 1, -1, dtype=np.int64)
+    block_of_code[in_id_order] = block_of_member
+    return block_of_code, block_count, int(member_events.sum())
 
 
 def _cut(events: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
