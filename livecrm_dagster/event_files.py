@@ -94,9 +94,9 @@ class EventFiles:
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
         """Replace the broadcast's events with `events`, atomically; return the row count.
 
-        The work runs on two threads. While this one encodes a block into the file, a
-        second gathers the next block, and a third checks that no event ID repeats. The
-        check must pass before the new file is renamed over the old one.
+        Two worker threads help the one that encodes the file: while it encodes a
+        block, one gathers the next block and the other checks that no event ID repeats.
+        The check must pass before the new file is renamed over the old one.
         """
         table = _arrow_table(broadcast_id, events)
         self.folder.mkdir(parents=True, exist_ok=True)

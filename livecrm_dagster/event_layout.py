@@ -4,9 +4,9 @@ A write sends every event to its member block (see `event_files`) and checks tha
 event ID occurs twice. Done on whole columns, both would move ten million rows at random
 through memory: a broadcast's columns then no longer fit the CPU's caches, and each row
 costs more than it did at four million. So both go through the time-ordered rows in
-chunks of `CHUNK`. Each chunk's rows are sent to their block, or to their ID's bucket,
-and each block or bucket is then handled on its own. Every step touches about a chunk's
-worth of memory, and the time grows in step with the events.
+chunks of `CHUNK`. Each chunk's rows are grouped by their block, or by their ID's
+bucket, and each block or bucket is then gathered from the chunks and handled on its
+own. Every step touches about a chunk's worth of memory.
 """
 
 from __future__ import annotations
