@@ -109,8 +109,8 @@ def report(result: dict) -> None:
     )
     print("  DuckDB check: sessions and per-member watched seconds identical")
     print(
-        f"  (the stages from store raw events to the DuckDB run show the fastest of {REPEATS} "
-        f"runs, the machine copy the fastest of {MACHINE_COPY_REPEATS})"
+        f"  (every stage from store raw events on shows the fastest of {REPEATS} runs, "
+        f"the machine copy the fastest of {MACHINE_COPY_REPEATS})"
     )
     print(f"  {'stage':<38} {'time':>10} {'rows':>11} {'rows/s':>12} {'peak RSS':>12}")
     for name, stage in stages.items():

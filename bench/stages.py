@@ -73,18 +73,22 @@ class Recorder:
         work: Callable[[], object],
         rows: Callable[[object], int] | None = None,
         repeat: int = 1,
+        before_each: Callable[[], object] | None = None,
     ):
         """Run `work` `repeat` times and record the fastest run and the highest peak.
 
         Single runs of a stage of a second or two varied by a third on a quiet machine,
         which swamps a growth ratio. The fastest of several runs, which `timeit` also
-        reports, varies far less. Every run does the whole work from the same inputs.
+        reports, varies far less. Every run does the whole work from the same inputs;
+        `before_each`, untimed, puts back the state a run starts from.
         """
         rss_before = _status_kib("VmRSS") / 1024
         peak_reset = _reset_peak()
         runs = []
         for _ in range(repeat):
             value = None  # Let a repeat free the previous run's result first.
+            if before_each is not None:
+                before_each()
             started = time.perf_counter()
             value = work()
             runs.append(time.perf_counter() - started)
@@ -378,17 +382,31 @@ def stage_transform(scenario: Scenario, folder: Path, duckdb_threads: int | None
 
 
 def stage_write(folder: Path, url: str, label: str) -> None:
-    """Write the derived tables of the partition to a warehouse, as the assets do."""
+    """Write the derived tables of the partition to a warehouse, as the assets do.
+
+    Each table is written three times, each time into the empty table, so every run is a
+    first write of the partition. `bench/warehouse_load.py` times rewrites.
+    """
+    import sqlalchemy as sa
+
     from livecrm_dagster.warehouse import Warehouse
 
     store = Warehouse(url)
     recorder = Recorder()
     for name in ("viewing_sessions", "viewer_summary", "order_attribution", "followup_audience"):
         frame = pd.read_pickle(folder / f"{name}.pickle")
+        empty = f'TRUNCATE "{name}"' if store.dialect == "postgresql" else f'DELETE FROM "{name}"'
+
+        def empty_table(statement: str = empty) -> None:
+            with store.engine.begin() as connection:
+                connection.execute(sa.text(statement))
+
         recorder.measure(
             f"{label}:{name}",
             lambda frame=frame, name=name: store.replace_partition(name, BROADCAST_ID, frame),
             lambda count: count,
+            REPEATS,
+            before_each=empty_table,
         )
     store.engine.dispose()
     recorder.emit()
