@@ -437,3 +437,17 @@ def test_member_runs_match_a_plain_loop(seed, member_dtype):
     assert in_order == all(
         values[i - 1].encode() <= values[i].encode() for i in range(1, len(values))
     )
+
+
+@pytest.mark.parametrize("member_dtype", ["str", object])
+def test_watched_by_member_rejects_missing_member(member_dtype):
+    sessions = pd.DataFrame(
+        {
+            "member_id": pd.Series(["b", None, "a", "b"], dtype=member_dtype),
+            "watched_seconds": [60.0] * 4,
+            "events_inside": [1] * 4,
+        }
+    )
+
+    with pytest.raises(ValueError, match="1 sessions have a missing member_id"):
+        watched_by_member(sessions, STARTS_AT, ENDS_AT)

@@ -300,8 +300,8 @@ def watched_by_member(
     inside = sessions["events_inside"].to_numpy(dtype=np.int64)
     touching = (inside > 0) | (sessions["watched_seconds"].to_numpy(dtype=np.float64) > 0)
     viewing = _run_sums(inside, heads) > 0
-    # Built from plain arrays and filtered before the frame exists: a lookup in an index
-    # of a hundred thousand member IDs would hash them all.
+    # The frame is built from filtered arrays, because a lookup in an index of a hundred
+    # thousand member IDs would first hash them all.
     members = sessions["member_id"].iloc[heads[viewing]]
     return pd.DataFrame(
         {
@@ -323,10 +323,14 @@ def member_runs(members: pd.Series) -> tuple[np.ndarray, bool]:
     """
     if len(members) == 0:
         return np.zeros(0, dtype=np.int64), True
+    # Sessions belong to members, and a missing ID cannot be ordered among the others.
+    missing = int(members.isna().sum())
+    if missing:
+        raise ValueError(f"{missing} sessions have a missing member_id; each session needs one")
     if isinstance(members.dtype, pd.StringDtype) and members.dtype.storage == "pyarrow":
         values = pa.array(members.array)
         later, earlier = values.slice(1), values.slice(0, len(values) - 1)
-        changes = pc.not_equal(later, earlier).fill_null(True).to_numpy(zero_copy_only=False)
+        changes = pc.not_equal(later, earlier).to_numpy(zero_copy_only=False)
         falls = pc.any(pc.less(later, earlier)).as_py() or False
     else:
         values = members.to_numpy(dtype=object)
