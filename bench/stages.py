@@ -79,8 +79,8 @@ class Recorder:
 
         Single runs of a stage of a second or two varied by a third on a quiet machine,
         which swamps a growth ratio. The fastest of several runs, which `timeit` also
-        reports, varies far less. Every run does the whole work from the same inputs;
-        `before_each`, untimed, puts back the state a run starts from.
+        reports, varies far less. Every run does the whole work from the same inputs, and
+        `before_each` (untimed) restores the state that a run starts from.
         """
         rss_before = _status_kib("VmRSS") / 1024
         peak_reset = _reset_peak()

@@ -92,9 +92,9 @@ class EventFiles:
         return self.folder / f"{quote(broadcast_id, safe='')}.parquet"
 
     def replace(self, broadcast_id: str, events: pd.DataFrame) -> int:
-        """Replace the broadcast's events with `events`, atomically; return the row count.
+        """Replace the broadcast's events with `events` atomically, and return the row count.
 
-        Two worker threads help the one that encodes the file: while it encodes a
+        Two worker threads help the thread that encodes the file. While it encodes a
         block, one gathers the next block and the other checks that no event ID repeats.
         The check must pass before the new file is renamed over the old one.
         """
@@ -194,7 +194,7 @@ class EventFiles:
 
 
 def _write_blocks(sink, blocks: Iterable[pa.Table], checked: Future) -> None:
-    """Write each block as one row group; stop at once if the ID check has failed."""
+    """Write each block as one row group, and stop at the next block once the ID check fails."""
     schema = _WRITTEN.append(pa.field(_POSITION, pa.int64()))
     with pq.ParquetWriter(
         sink,
@@ -208,8 +208,12 @@ def _write_blocks(sink, blocks: Iterable[pa.Table], checked: Future) -> None:
     ) as writer:
         for block in blocks:
             if checked.done():
-                checked.result()
+                checked.result()  # Raises the check's error, if it found one.
             writer.write_table(block, row_group_size=block.num_rows)
+
+
+# The value `next` returns for an exhausted iterator in `_ahead`.
+_DONE = object()
 
 
 def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
@@ -218,9 +222,6 @@ def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
     while (item := pending.result()) is not _DONE:
         pending = pool.submit(next, items, _DONE)
         yield item
-
-
-_DONE = object()
 
 
 def _requested(columns: list[str] | None) -> list[str]:

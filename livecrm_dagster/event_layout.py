@@ -30,7 +30,7 @@ ID_BUCKET = 65_536
 
 
 def member_blocks(table: pa.Table, block_size: int, position: str) -> Iterator[pa.Table]:
-    """Split a time-ordered table into member blocks, each in time order; yield them in turn.
+    """Yield the member blocks of a time-ordered table one at a time, each in time order.
 
     Members are taken in ID order, and a member goes to block n when the events of the
     members before it number from n × `block_size` to (n + 1) × `block_size` - 1. A
@@ -50,8 +50,8 @@ def member_blocks(table: pa.Table, block_size: int, position: str) -> Iterator[p
     anonymous_events = table.num_rows - member_events
     block_count = member_block_count + -(-anonymous_events // block_size)
 
-    # Per chunk: its rows grouped by block, in time order inside each block, and where
-    # each block's rows start in that grouping.
+    # For each chunk, the order that groups its rows by block (in time order inside each
+    # block), and the bounds of each block's rows in that order.
     routes: list[tuple[np.ndarray, np.ndarray]] = []
     anonymous_seen = 0
     for codes in encoded:
@@ -88,7 +88,7 @@ def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 def _member_cut(encoded: list[pa.DictionaryArray], block_size: int) -> tuple[np.ndarray, int, int]:
     """Return each code's member block, the number of member blocks and their events.
 
-    `encoded` are chunks that share one dictionary. The returned array has one more entry
+    The chunks in `encoded` share one dictionary. The returned array has one more entry
     than the dictionary, for a missing ID. The empty ID and a missing one get -1.
     """
     if not encoded:

@@ -298,7 +298,7 @@ def test_failed_block_keeps_previous_file(files, monkeypatch):
     written_blocks = event_layout.member_blocks
 
     def failing_blocks(table, block_size, position):
-        # Blocks are gathered on another thread; its error must reach the caller.
+        # Blocks are gathered on a worker thread, and its error must reach the caller.
         yield next(written_blocks(table, block_size, position))
         raise MemoryError("out of memory while gathering a block")
 

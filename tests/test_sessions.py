@@ -400,7 +400,7 @@ def test_blocks_out_of_order_sorted():
 
 
 @pytest.mark.parametrize("seed", [10, 11])
-# "str" is what the sessions code builds; object is what a warehouse read returns.
+# The sessions code builds "str" member IDs, and a warehouse read returns objects.
 @pytest.mark.parametrize("member_dtype", ["str", object])
 def test_watched_by_member_matches_groupby(seed, member_dtype):
     sessions = viewing_sessions(_random_partition(seed), STARTS_AT, ENDS_AT, TIMEOUT)

@@ -296,9 +296,10 @@ def watched_by_member(
         order = np.argsort(sessions["member_id"].to_numpy(dtype=object), kind="stable")
         sessions = sessions.take(order)
         heads, _ = member_runs(sessions["member_id"])
-    watched = _run_sums(sessions["watched_seconds"].to_numpy(dtype=np.float64), heads)
+    seconds = sessions["watched_seconds"].to_numpy(dtype=np.float64)
     inside = sessions["events_inside"].to_numpy(dtype=np.int64)
-    touching = (inside > 0) | (sessions["watched_seconds"].to_numpy(dtype=np.float64) > 0)
+    watched = _run_sums(seconds, heads)
+    touching = (inside > 0) | (seconds > 0)
     viewing = _run_sums(inside, heads) > 0
     # The frame is built from filtered arrays, because a lookup in an index of a hundred
     # thousand member IDs would first hash them all.
@@ -314,7 +315,9 @@ def watched_by_member(
 
 
 def member_runs(members: pd.Series) -> tuple[np.ndarray, bool]:
-    """Return where each run of equal member IDs starts, and whether the IDs never fall.
+    """Return where each run of equal member IDs starts, and whether no ID is below the one before.
+
+    A missing member ID raises ValueError, because every session belongs to a member.
 
     Sessions built here carry their member IDs as Arrow strings (pandas' `str`), which
     Arrow compares in place. Python strings, as a warehouse read returns them, are
@@ -323,10 +326,9 @@ def member_runs(members: pd.Series) -> tuple[np.ndarray, bool]:
     """
     if len(members) == 0:
         return np.zeros(0, dtype=np.int64), True
-    # Sessions belong to members, and a missing ID cannot be ordered among the others.
     missing = int(members.isna().sum())
     if missing:
-        raise ValueError(f"{missing} sessions have a missing member_id; each session needs one")
+        raise ValueError(f"{missing} sessions have a missing member_id, but each needs one")
     if isinstance(members.dtype, pd.StringDtype) and members.dtype.storage == "pyarrow":
         values = pa.array(members.array)
         later, earlier = values.slice(1), values.slice(0, len(values) - 1)
