@@ -9,10 +9,11 @@ and Japanese.
 
 Each round writes every table with `Warehouse.replace_partition` twice: first for a
 broadcast not yet in the table, then again for the same broadcast (a rebuild, which
-deletes the rows it replaces). Every write is read back and compared with the frame,
-and rates are printed only after all the comparisons have passed. PostgreSQL runs in a
-scratch database created on `--postgres` and dropped afterwards, SQLite in a file in a
-temporary folder.
+replaces the rows of the first write; on PostgreSQL the first write creates the
+broadcast's partition and the rebuild empties it). Every write is read back and
+compared with the frame, and rates are printed only after all the comparisons have
+passed. PostgreSQL runs in a scratch database created on `--postgres` and dropped
+afterwards, SQLite in a file in a temporary folder.
 
     .venv/bin/python bench/warehouse_load.py                   # 26,942 members, 3 rounds
     .venv/bin/python bench/warehouse_load.py --members 108000  # 4 times as many

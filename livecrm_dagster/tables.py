@@ -19,6 +19,13 @@ Schema = tuple[list[tuple[str, str]], tuple[str, ...]]
 # the warehouse reads and replaces them by broadcast like the others.
 FILE_TABLES = frozenset({"raw_viewer_events"})
 
+# Tables with tens of thousands of rows per broadcast, always replaced one broadcast at a
+# time. On PostgreSQL each broadcast's rows sit in a partition of their own (see
+# broadcast_partitions.py).
+PARTITIONED_BY_BROADCAST = frozenset(
+    {"viewing_sessions", "viewer_summary", "order_attribution", "followup_audience", "raw_orders"}
+)
+
 SCHEMAS: dict[str, Schema] = {
     "broadcasts": (
         [

@@ -17,9 +17,19 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from livecrm_dagster.broadcast_partitions import partitioned_tables, replace_broadcast
 from livecrm_dagster.bulk_load import copy_rows, insert_rows
 from livecrm_dagster.event_files import EventFiles
-from livecrm_dagster.tables import BOOL, FILE_TABLES, FLOAT, INT, SCHEMAS, TEXT, TIME
+from livecrm_dagster.tables import (
+    BOOL,
+    FILE_TABLES,
+    FLOAT,
+    INT,
+    PARTITIONED_BY_BROADCAST,
+    SCHEMAS,
+    TEXT,
+    TIME,
+)
 
 # The one file table; see `FILE_TABLES`.
 EVENTS = "raw_viewer_events"
@@ -65,7 +75,10 @@ def _table(metadata: sa.MetaData, name: str, columns: Sequence[tuple[str, str]],
         sa.Column(column, _SQL_TYPES[kind](), primary_key=column in keys)
         for column, kind in columns
     ]
-    return sa.Table(name, metadata, *sql_columns)
+    options = {}
+    if name in PARTITIONED_BY_BROADCAST:
+        options["postgresql_partition_by"] = "LIST (broadcast_id)"
+    return sa.Table(name, metadata, *sql_columns, **options)
 
 
 def column_kinds(name: str) -> dict[str, str]:
@@ -96,6 +109,10 @@ class Warehouse:
             if name not in FILE_TABLES:
                 _table(self.metadata, name, columns, *keys)
         create_tables(self.engine, self.metadata)
+        self.by_broadcast: set[str] = set()
+        if self.dialect == "postgresql":
+            with self.engine.connect() as connection:
+                self.by_broadcast = partitioned_tables(connection) & PARTITIONED_BY_BROADCAST
 
     def table(self, name: str) -> sa.Table:
         return self.metadata.tables[name]
@@ -110,9 +127,15 @@ class Warehouse:
             if set(where) != {"broadcast_id"}:
                 raise ValueError(f"{EVENTS} is replaced one broadcast at a time")
             return self.events.replace(str(where["broadcast_id"]), frame)
+        if name in PARTITIONED_BY_BROADCAST and set(where) != {"broadcast_id"}:
+            raise ValueError(f"{name} is replaced one broadcast at a time")
         table = self.table(name)
         frame = _conform(frame, name, where)
         with self.engine.begin() as connection:
+            if name in self.by_broadcast:
+                broadcast_id = str(where["broadcast_id"])
+                replace_broadcast(connection, table, broadcast_id, frame, column_kinds(name))
+                return len(frame)
             conditions = [table.c[column] == value for column, value in where.items()]
             condition = sa.and_(*conditions) if conditions else sa.true()
             connection.execute(table.delete().where(condition))

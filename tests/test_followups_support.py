@@ -16,6 +16,7 @@ from livecrm_dagster.defs.followups.resources import (
     FollowupScenariosResource,
 )
 from livecrm_dagster.resources import ShopSettingsResource, WarehouseResource
+from livecrm_dagster.tables import PARTITIONED_BY_BROADCAST
 from livecrm_dagster.warehouse import Warehouse
 
 TOKYO = ZoneInfo("Asia/Tokyo")
@@ -79,7 +80,11 @@ def load(store: Warehouse, **tables: list[dict]) -> None:
         keys = list(dict.fromkeys(store.table(name).primary_key.columns.keys()))
         combined = pd.concat([existing, frame], ignore_index=True) if len(existing) else frame
         combined = combined.drop_duplicates(keys, keep="last")
-        store.replace_table(name, combined)
+        if name not in PARTITIONED_BY_BROADCAST:
+            store.replace_table(name, combined)
+            continue
+        for broadcast_id, rows_of_broadcast in combined.groupby("broadcast_id"):
+            store.replace_partition(name, str(broadcast_id), rows_of_broadcast)
 
 
 def order(order_id: str, member_id: str, paid_at: dt.datetime, status: str = "paid") -> dict:

@@ -64,10 +64,10 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
     resources = pipeline_resources(postgres_url, str(two_broadcasts.root))
     armed = {"restarts": 0}
 
-    def restart_before_delete(conn, cursor, statement, parameters, context, executemany):
-        # The partition write starts with this DELETE; restarting now kills the
-        # transaction between the DELETE and the COPY of the new rows.
-        if armed["restarts"] == 0 and statement.startswith("DELETE FROM viewing_sessions"):
+    def restart_before_truncate(conn, cursor, statement, parameters, context, executemany):
+        # The rewrite empties the broadcast's partition, then copies the new rows;
+        # restarting now kills the transaction between the two.
+        if armed["restarts"] == 0 and statement.startswith('TRUNCATE "viewing_sessions__'):
             armed["restarts"] += 1
             _restart_postgres()
 
@@ -79,7 +79,7 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
 
         # A fresh resource, so the write goes through a new connection pool.
         resources = pipeline_resources(postgres_url, str(two_broadcasts.root))
-        sa.event.listen(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", restart_before_truncate)
         try:
             failed = dg.materialize(
                 [viewing_sessions],
@@ -89,7 +89,7 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
                 raise_on_error=False,
             )
         finally:
-            sa.event.remove(sa.engine.Engine, "before_cursor_execute", restart_before_delete)
+            sa.event.remove(sa.engine.Engine, "before_cursor_execute", restart_before_truncate)
         after_failure = _sessions(postgres_url)
 
         retried = dg.materialize(
