@@ -232,12 +232,25 @@ def _sessions(rows: int) -> pd.DataFrame:
 
 def test_multi_chunk_write_round_trips(warehouse_url):
     store = Warehouse(warehouse_url)
-    written = _sessions(2 * bulk_load.COPY_CHUNK_ROWS + 7)
+    written = _sessions(2 * bulk_load.CHUNK_ROWS + 7)
     store.replace_partition("viewing_sessions", "b1", written)
     stored = store.read("viewing_sessions", broadcast_id="b1")
     stored = stored.sort_values(["member_id", "session_no"], key=_natural).reset_index(drop=True)
     expected = written.assign(broadcast_id="b1")[stored.columns]
     pd.testing.assert_frame_equal(stored, expected, check_dtype=False)
+
+
+def test_bad_value_in_a_later_chunk_keeps_previous_rows(warehouse_url):
+    store = Warehouse(warehouse_url)
+    previous = _sessions(5)
+    store.replace_partition("viewing_sessions", "b1", previous)
+    broken = _sessions(bulk_load.CHUNK_ROWS + 7)
+    # The first chunk goes in before the second one's NUL is found.
+    broken.loc[bulk_load.CHUNK_ROWS + 3, "member_id"] = "m\x00"
+    with pytest.raises(ValueError, match="NUL"):
+        store.replace_partition("viewing_sessions", "b1", broken)
+    stored = store.read("viewing_sessions", broadcast_id="b1")
+    assert sorted(stored["started_at"]) == sorted(previous["started_at"])
 
 
 def _natural(column: pd.Series) -> pd.Series:
