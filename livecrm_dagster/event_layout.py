@@ -167,6 +167,7 @@ def _check_unique(event_ids: pa.Array) -> None:
         return
     codes = pd.Series(encoded.indices.to_numpy())
     repeated = codes.loc[codes.duplicated()].iloc[0]
+    copies = int((codes == repeated).sum())
     value = encoded.dictionary[int(repeated)].as_py()
     excerpt = value if len(value) <= 80 else value[:80] + "…"
-    raise ValueError(f"raw_viewer_events: event_id {excerpt!r} appears twice in one write")
+    raise ValueError(f"raw_viewer_events: event_id {excerpt!r} appears {copies} times in one write")

@@ -236,7 +236,7 @@ def test_failed_write_keeps_previous_file(files, monkeypatch):
         # The same event twice in one write: validation drops repeated deliveries first.
         (
             _events(("e2", "2024-06-10T11:01:00Z", ""), ("e2", "2024-06-10T11:02:00Z", "")),
-            "event_id 'e2' appears twice",
+            "event_id 'e2' appears 2 times",
         ),
         # The repeat is found among many unique IDs, wherever it sits.
         (
@@ -244,7 +244,7 @@ def test_failed_write_keeps_previous_file(files, monkeypatch):
                 *[(f"e{number}", "2024-06-10T11:01:00Z", "") for number in range(1000)],
                 ("e500", "2024-06-10T11:03:00Z", ""),
             ),
-            "event_id 'e500' appears twice",
+            "event_id 'e500' appears 2 times",
         ),
         # An event without an ID cannot be checked for repeats, and "" is no ID either.
         (
