@@ -7,9 +7,10 @@ see that it no longer counts. That halved the rate of a rebuild (about 140 k aga
 250 k rows/s for the derived tables of a 4 M-event broadcast). With a partition per
 broadcast, a rebuild empties the partition with TRUNCATE and copies into an empty index.
 
-TRUNCATE locks the partition until the write commits: a reader of the same broadcast
-waits for the rebuild instead of reading the old rows meanwhile. Writes of other
-broadcasts go on beside it.
+TRUNCATE locks the partition until the write commits. A read of the same broadcast
+waits for the rebuild instead of reading the old rows meanwhile, and so does a read
+that spans every broadcast, such as attribution's look at the other broadcasts'
+viewing. Reads and writes of other broadcasts go on beside it.
 
 Tables created before this layout stay single tables and keep the delete-and-copy write
 until `partition_existing_table` converts them (`python -m
@@ -170,12 +171,23 @@ def main(argv: list[str]) -> None:
 
     if len(argv) != 1:
         raise SystemExit("usage: python -m livecrm_dagster.broadcast_partitions DATABASE_URL")
-    store = Warehouse(argv[0])
-    if store.dialect != "postgresql":
+    try:
+        backend = sa.engine.make_url(argv[0]).get_backend_name()
+    except sa.exc.ArgumentError as error:
+        raise SystemExit(f"not a database URL: {error}") from None
+    # Checked before connecting: a Warehouse would create a SQLite file at a mistyped path.
+    if backend != "postgresql":
         raise SystemExit("only a PostgreSQL warehouse has partitions")
+    try:
+        store = Warehouse(argv[0])
+    except sa.exc.OperationalError as error:
+        raise SystemExit(f"cannot reach the warehouse: {error.orig}") from None
     for name in sorted(PARTITIONED_BY_BROADCAST):
         moved = partition_existing_table(store.engine, store.table(name))
-        outcome = "already partitioned" if moved < 0 else f"{moved} broadcasts moved"
+        if moved < 0:
+            outcome = "already partitioned"
+        else:
+            outcome = f"{moved} broadcast{'' if moved == 1 else 's'} moved"
         sys.stdout.write(f"{name}: {outcome}\n")
     store.engine.dispose()
 

@@ -169,7 +169,8 @@ def _arrow_column(series: pd.Series, kind: str) -> pa.Array:
     elif kind == INT:
         series = series.astype("Int64")
     elif kind == FLOAT:
-        series = series.astype("float64")
+        # The nullable dtype, because float64 refuses pd.NA in an object column.
+        series = series.astype("Float64")
     elif kind == BOOL:
         series = series.astype("boolean")
     else:

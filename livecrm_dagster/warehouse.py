@@ -109,10 +109,6 @@ class Warehouse:
             if name not in FILE_TABLES:
                 _table(self.metadata, name, columns, *keys)
         create_tables(self.engine, self.metadata)
-        self.by_broadcast: set[str] = set()
-        if self.dialect == "postgresql":
-            with self.engine.connect() as connection:
-                self.by_broadcast = partitioned_tables(connection) & PARTITIONED_BY_BROADCAST
 
     def table(self, name: str) -> sa.Table:
         return self.metadata.tables[name]
@@ -132,7 +128,7 @@ class Warehouse:
         table = self.table(name)
         frame = _conform(frame, name, where)
         with self.engine.begin() as connection:
-            if name in self.by_broadcast:
+            if self._partitioned(connection, name):
                 broadcast_id = str(where["broadcast_id"])
                 replace_broadcast(connection, table, broadcast_id, frame, column_kinds(name))
                 return len(frame)
@@ -141,6 +137,16 @@ class Warehouse:
             connection.execute(table.delete().where(condition))
             self._insert(connection, table, frame)
         return len(frame)
+
+    def _partitioned(self, connection: Connection, name: str) -> bool:
+        """Tell whether a table has partitions by broadcast, asked at every write.
+
+        A table converted while this process runs must switch to partition writes, or a
+        delete-and-copy would find no partition for a new broadcast's rows.
+        """
+        if self.dialect != "postgresql" or name not in PARTITIONED_BY_BROADCAST:
+            return False
+        return name in partitioned_tables(connection)
 
     def replace_partition(self, name: str, broadcast_id: str, frame: pd.DataFrame) -> int:
         return self.replace_rows(name, {"broadcast_id": broadcast_id}, frame)

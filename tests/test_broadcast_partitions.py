@@ -58,7 +58,6 @@ def _order_ids(store: Warehouse, broadcast_id: str) -> list[str]:
 
 def test_new_warehouse_partitions_the_large_tables(postgres_url):
     store = Warehouse(postgres_url)
-    assert store.by_broadcast == PARTITIONED_BY_BROADCAST
     assert {_relkind(store, name) for name in PARTITIONED_BY_BROADCAST} == {"p"}
     # Small tables stay single tables.
     assert _relkind(store, "broadcast_kpis") == "r"
@@ -192,7 +191,7 @@ def _make_single_table(store: Warehouse, name: str) -> None:
 def test_single_table_keeps_working_and_converts_to_partitions(postgres_url, capsys):
     _make_single_table(Warehouse(postgres_url), "raw_orders")
     older = Warehouse(postgres_url)
-    assert "raw_orders" not in older.by_broadcast
+    assert _relkind(older, "raw_orders") == "r"
     older.replace_partition("raw_orders", "b1", _orders("o1", "o2"))
     older.replace_partition("raw_orders", "b2", _orders("o9"))
     older.replace_partition("raw_orders", "b1", _orders("o3", "o4"))
@@ -205,10 +204,54 @@ def test_single_table_keeps_working_and_converts_to_partitions(postgres_url, cap
     assert "viewing_sessions: already partitioned" in printed
     store = Warehouse(postgres_url)
     assert _relkind(store, "raw_orders") == "p"
-    assert "raw_orders" in store.by_broadcast
     after = store.read("raw_orders").sort_values(["broadcast_id", "order_id"])
     pd.testing.assert_frame_equal(after.reset_index(drop=True), before.reset_index(drop=True))
     store.replace_partition("raw_orders", "b1", _orders("o5"))
     assert _order_ids(store, "b1") == ["o5"]
     assert _order_ids(store, "b2") == ["o9"]
     assert partition_existing_table(store.engine, store.table("raw_orders")) == -1
+
+
+def test_process_started_before_conversion_writes_into_partitions(postgres_url):
+    _make_single_table(Warehouse(postgres_url), "raw_orders")
+    running = Warehouse(postgres_url)
+    running.replace_partition("raw_orders", "b1", _orders("o1"))
+
+    partition_existing_table(running.engine, running.table("raw_orders"))
+
+    # A broadcast new to the table needs a partition, which only the partition write makes.
+    running.replace_partition("raw_orders", "b2", _orders("o9"))
+    running.replace_partition("raw_orders", "b1", _orders("o2"))
+    assert _order_ids(running, "b1") == ["o2"]
+    assert _order_ids(running, "b2") == ["o9"]
+    assert len(_partitions(running, "raw_orders")) == 2
+
+
+def test_conversion_of_one_broadcast_says_broadcast(postgres_url, capsys):
+    _make_single_table(Warehouse(postgres_url), "followup_audience")
+    Warehouse(postgres_url).replace_partition("followup_audience", "b1", _audience())
+
+    main([postgres_url])
+
+    assert "followup_audience: 1 broadcast moved" in capsys.readouterr().out
+
+
+def _audience() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"segment": ["mid"], "member_id": ["m1"], "question_id": [""], "answer": [""]}
+    )
+
+
+def test_conversion_refuses_sqlite_without_creating_a_file(tmp_path):
+    path = tmp_path / "typo.db"
+    with pytest.raises(SystemExit, match="only a PostgreSQL warehouse has partitions"):
+        main([f"sqlite:///{path}"])
+    assert not path.exists()
+
+
+def test_conversion_names_an_unreachable_database(postgres_url):
+    missing = postgres_url.rsplit("/", 1)[0] + "/livecrm_no_such_database"
+    with pytest.raises(
+        SystemExit, match='cannot reach the warehouse: .*"livecrm_no_such_database"'
+    ):
+        main([missing])

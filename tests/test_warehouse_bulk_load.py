@@ -203,6 +203,16 @@ def test_floats_round_trip_exactly(warehouse_url):
     assert pd.isna(stored.iloc[-1])
 
 
+def test_every_missing_float_marker_is_stored_as_null(warehouse_url):
+    store = Warehouse(warehouse_url)
+    rates = pd.Series([0.5, pd.NA, None, np.nan, -0.0], dtype=object)
+    store.replace_partition("viewer_summary", "b1", _summary(5, viewing_rate=rates))
+    stored = _stored(store)["viewing_rate"]
+    assert stored.iloc[0] == 0.5
+    assert stored.iloc[1:4].isna().all()
+    assert stored.iloc[4] == 0.0
+
+
 def test_booleans_with_null_round_trip(warehouse_url):
     store = Warehouse(warehouse_url)
     claimed = pd.array([True, False, None], dtype="boolean")
