@@ -104,7 +104,7 @@ def partition_existing_table(engine: Engine, table: sa.Table) -> int:
         columns = ", ".join(f'"{column.name}"' for column in table.columns)
         connection.exec_driver_sql(f'LOCK TABLE "{table.name}" IN ACCESS EXCLUSIVE MODE')
         connection.exec_driver_sql(f'ALTER TABLE "{table.name}" RENAME TO "{old}"')
-        # The primary key's index keeps its name, which the new table's key needs.
+        # A renamed table keeps its key's index name, <table>_pkey, which the new key needs.
         connection.exec_driver_sql(f'ALTER INDEX "{table.name}_pkey" RENAME TO "{old}_pkey"')
         table.create(connection)
         broadcasts = (

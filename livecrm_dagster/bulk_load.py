@@ -30,9 +30,9 @@ _ARROW_TYPES = {
 
 # Rows converted at a time. On PostgreSQL, encoded chunks wait in psycopg's write queue
 # until the server takes them, so at worst the whole frame is held once more, encoded. On
-# SQLite a chunk's Python values (20,000 rows of 9 columns take about 12 MB) stay in the
-# CPU's cache while sqlite3 binds them; converting a whole table of 150,000 rows first
-# made the write 5-10 % slower and grow faster than the rows.
+# SQLite a chunk's Python values (20,000 rows of 9 columns, about 10 MB) stay in the
+# CPU's cache while sqlite3 binds them. Converting a whole table of 150,000 rows first
+# made the write about 5 % slower, and it grew faster than the rows.
 CHUNK_ROWS = 20_000
 
 # PostgreSQL's binary COPY format starts with a signature, 32-bit flags and a 32-bit

@@ -147,7 +147,7 @@ def test_two_first_writes_of_one_broadcast_take_turns(postgres_url):
     assert _partitions(store, "raw_orders") == [partition_name("raw_orders", "live")]
 
 
-def test_rewrite_holds_readers_of_its_broadcast_only(postgres_url):
+def test_rewrite_holds_reads_of_its_broadcast_not_of_another(postgres_url):
     store = Warehouse(postgres_url)
     store.replace_partition("raw_orders", "b1", _orders("o1"))
     store.replace_partition("raw_orders", "b2", _orders("o9"))
