@@ -9,8 +9,8 @@ and Japanese.
 
 Each round writes every table with `Warehouse.replace_partition` twice: first for a
 broadcast not yet in the table, then again for the same broadcast (a rebuild, which
-replaces the rows of the first write; on PostgreSQL the first write creates the
-broadcast's partition and the rebuild empties it). Every write is read back and
+replaces the rows of the first write). On PostgreSQL the first write creates the
+broadcast's partition and the rebuild empties it. Every write is read back and
 compared with the frame, and rates are printed only after all the comparisons have
 passed. PostgreSQL runs in a scratch database created on `--postgres` and dropped
 afterwards, SQLite in a file in a temporary folder.

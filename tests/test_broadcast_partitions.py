@@ -56,14 +56,14 @@ def _order_ids(store: Warehouse, broadcast_id: str) -> list[str]:
     return sorted(store.read("raw_orders", broadcast_id=broadcast_id)["order_id"])
 
 
-def test_new_warehouse_partitions_the_large_tables(postgres_url):
+def test_new_warehouse_partitions_large_tables(postgres_url):
     store = Warehouse(postgres_url)
     assert {_relkind(store, name) for name in PARTITIONED_BY_BROADCAST} == {"p"}
     # Small tables stay single tables.
     assert _relkind(store, "broadcast_kpis") == "r"
 
 
-def test_each_broadcast_gets_one_partition_and_a_rewrite_reuses_it(postgres_url):
+def test_rewrite_reuses_broadcast_partition(postgres_url):
     store = Warehouse(postgres_url)
     store.replace_partition("raw_orders", "b1", _orders("o1", "o2"))
     store.replace_partition("raw_orders", "b2", _orders("o9"))
@@ -91,7 +91,7 @@ def test_failed_first_write_leaves_no_partition(postgres_url):
     "broadcast_id",
     [
         "live-2026-11-20",
-        "LIVE 2026/11/20",  # the same readable part as the one above, told apart by the digest
+        "LIVE 2026/11/20",  # the same readable part as the one above, distinguished by the digest
         "ライブ配信",  # no readable ASCII at all
         "a'b%c\"d",  # quote and percent sign in the partition bound
         "x" * 300,  # far longer than an identifier may be
@@ -119,7 +119,7 @@ def test_partition_names_are_short_and_distinct():
     assert readable.startswith("raw_orders__live_2026_11_20_")
 
 
-def test_two_first_writes_of_one_broadcast_take_turns(postgres_url):
+def test_concurrent_first_writes_take_turns(postgres_url):
     Warehouse(postgres_url)
     frames = [_orders("a1", "a2"), _orders("b1")]
     barrier = threading.Barrier(len(frames))
@@ -147,7 +147,7 @@ def test_two_first_writes_of_one_broadcast_take_turns(postgres_url):
     assert _partitions(store, "raw_orders") == [partition_name("raw_orders", "live")]
 
 
-def test_rewrite_holds_reads_of_its_broadcast_not_of_another(postgres_url):
+def test_rewrite_blocks_own_broadcast_reads(postgres_url):
     store = Warehouse(postgres_url)
     store.replace_partition("raw_orders", "b1", _orders("o1"))
     store.replace_partition("raw_orders", "b2", _orders("o9"))
@@ -188,7 +188,7 @@ def _make_single_table(store: Warehouse, name: str) -> None:
         connection.exec_driver_sql("DROP TABLE partitioned_copy")
 
 
-def test_single_table_keeps_working_and_converts_to_partitions(postgres_url, capsys):
+def test_single_table_converts_to_partitions(postgres_url, capsys):
     _make_single_table(Warehouse(postgres_url), "raw_orders")
     older = Warehouse(postgres_url)
     assert _relkind(older, "raw_orders") == "r"
@@ -212,7 +212,7 @@ def test_single_table_keeps_working_and_converts_to_partitions(postgres_url, cap
     assert partition_existing_table(store.engine, store.table("raw_orders")) == -1
 
 
-def test_process_started_before_conversion_writes_into_partitions(postgres_url):
+def test_running_process_switches_after_conversion(postgres_url):
     _make_single_table(Warehouse(postgres_url), "raw_orders")
     running = Warehouse(postgres_url)
     running.replace_partition("raw_orders", "b1", _orders("o1"))
@@ -227,7 +227,7 @@ def test_process_started_before_conversion_writes_into_partitions(postgres_url):
     assert len(_partitions(running, "raw_orders")) == 2
 
 
-def test_conversion_of_one_broadcast_says_broadcast(postgres_url, capsys):
+def test_conversion_output_singular_broadcast(postgres_url, capsys):
     _make_single_table(Warehouse(postgres_url), "followup_audience")
     Warehouse(postgres_url).replace_partition("followup_audience", "b1", _audience())
 
@@ -242,16 +242,32 @@ def _audience() -> pd.DataFrame:
     )
 
 
-def test_conversion_refuses_sqlite_without_creating_a_file(tmp_path):
+def test_conversion_rejects_sqlite_url(tmp_path):
     path = tmp_path / "typo.db"
     with pytest.raises(SystemExit, match="only a PostgreSQL warehouse has partitions"):
         main([f"sqlite:///{path}"])
     assert not path.exists()
 
 
-def test_conversion_names_an_unreachable_database(postgres_url):
+def test_conversion_reports_unreachable_database(postgres_url):
     missing = postgres_url.rsplit("/", 1)[0] + "/livecrm_no_such_database"
     with pytest.raises(
         SystemExit, match='cannot reach the warehouse: .*"livecrm_no_such_database"'
     ):
         main([missing])
+
+
+def test_colliding_partition_names_fail_safely(postgres_url, monkeypatch):
+    store = Warehouse(postgres_url)
+    store.replace_partition("raw_orders", "b1", _orders("o1"))
+    # Two IDs whose digests agree would get the same name, as every ID does here.
+    monkeypatch.setattr(
+        "livecrm_dagster.broadcast_partitions.partition_name",
+        lambda table_name, broadcast_id: partition_name(table_name, "b1"),
+    )
+
+    with pytest.raises((sa.exc.IntegrityError, psycopg.errors.CheckViolation)):
+        store.replace_partition("raw_orders", "b2", _orders("o9"))
+
+    assert _order_ids(store, "b1") == ["o1"]
+    assert _order_ids(store, "b2") == []

@@ -96,7 +96,7 @@ def test_repeated_id_found_in_any_chunk_and_bucket(small_chunks, where):
         event_layout.check_event_ids(ids)
 
 
-def test_error_counts_every_copy_of_a_repeated_id(small_chunks):
+def test_error_counts_repeated_id_copies(small_chunks):
     ids = pa.array([f"e{number}" for number in range(300)] + ["e42", "e42"])
 
     with pytest.raises(ValueError, match="'e42' appears 3 times"):

@@ -65,7 +65,7 @@ def test_restart_mid_write_then_retry(two_broadcasts, postgres_url):  # noqa: F8
     armed = {"restarts": 0}
 
     def restart_before_truncate(conn, cursor, statement, parameters, context, executemany):
-        # The rewrite empties the broadcast's partition, then copies the new rows;
+        # The rewrite empties the broadcast's partition, then copies the new rows, so
         # restarting now kills the transaction between the two.
         if armed["restarts"] == 0 and statement.startswith('TRUNCATE "viewing_sessions__'):
             armed["restarts"] += 1

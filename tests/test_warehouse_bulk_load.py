@@ -203,7 +203,7 @@ def test_floats_round_trip_exactly(warehouse_url):
     assert pd.isna(stored.iloc[-1])
 
 
-def test_every_missing_float_marker_is_stored_as_null(warehouse_url):
+def test_missing_floats_stored_as_null(warehouse_url):
     store = Warehouse(warehouse_url)
     rates = pd.Series([0.5, pd.NA, None, np.nan, -0.0], dtype=object)
     store.replace_partition("viewer_summary", "b1", _summary(5, viewing_rate=rates))
@@ -250,7 +250,7 @@ def test_multi_chunk_write_round_trips(warehouse_url):
     pd.testing.assert_frame_equal(stored, expected, check_dtype=False)
 
 
-def test_bad_value_in_a_later_chunk_keeps_previous_rows(warehouse_url):
+def test_bad_later_chunk_keeps_rows(warehouse_url):
     store = Warehouse(warehouse_url)
     previous = _sessions(5)
     store.replace_partition("viewing_sessions", "b1", previous)
